@@ -1,0 +1,244 @@
+"""One typed config for everything: YAML file + dotted `--set a.b=value` overrides, validated by pydantic.
+
+Every command line (baseline, peer, monitor, ...) loads its config through `load_config`; a bad file, field
+or override raises `ConfigError` whose message is one line naming the field, and the CLIs exit 2 on it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+Codec = Literal["none", "fp16", "bf16", "8bit"]
+
+
+class ConfigError(ValueError):
+    """A config problem; str(err) is a single line naming the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    family: Literal["gpt2", "llama"] = "gpt2"
+    # a local directory with a transformers checkpoint (or a hub name the user chose); overrides the shape below
+    name_or_path: Optional[str] = None
+    vocab_size: int = Field(257, gt=0)
+    hidden_size: int = Field(192, gt=0)
+    num_layers: int = Field(6, gt=0)
+    num_heads: int = Field(6, gt=0)
+    num_kv_heads: Optional[int] = Field(None, gt=0)  # llama only; None = num_heads
+    intermediate_size: Optional[int] = Field(None, gt=0)  # None = 4 * hidden (gpt2) / 8/3 * hidden (llama)
+    max_position_embeddings: int = Field(1024, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init_std: float = Field(0.02, gt=0.0)
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.name_or_path is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class DataConfig(_Section):
+    # "embedded" | a hub dataset name | local text/jsonl/json/parquet file(s), globs or a directory
+    source: str = "embedded"
+    hub_config: Optional[str] = None  # the dataset's config name (hub datasets only)
+    hub_split: str = "train"
+    text_field: str = "text"
+    tokenizer: str = "bytes"  # "bytes" or a transformers tokenizer (local dir or hub name)
+    seq_len: int = Field(128, gt=1)
+    max_tokens: int = Field(4_000_000, gt=0)  # cap on the tokenized corpus (hub sources are streamed up to it)
+    val_fraction: float = Field(0.02, gt=0.0, lt=0.5)
+    batch_size: int = Field(16, gt=0)  # sequences per inner step per peer
+    microbatch_size: int = Field(4, gt=0)  # sequences per microbatch (the unit that travels the pipeline)
+    split_seed: int = 1234  # fixes the train/validation split independently of run.seed
+    cache_dir: str = ".cache/swarm_peer"
+
+    @model_validator(mode="after")
+    def _microbatches_divide_batch(self):
+        if self.batch_size % self.microbatch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of microbatch_size {self.microbatch_size}")
+        return self
+
+
+class InnerOptimConfig(_Section):
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine decays to lr * min_lr_ratio at run.max_steps
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables; applied per pipeline stage (see optim.py)
+
+
+class OuterOptimConfig(_Section):
+    lr: float = Field(0.7, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+
+
+class OptimConfig(_Section):
+    inner: InnerOptimConfig = InnerOptimConfig()
+    outer: OuterOptimConfig = OuterOptimConfig()
+
+
+class CompressionConfig(_Section):
+    forward: Codec = "none"  # activations, stage i -> i+1
+    backward: Codec = "none"  # gradients, stage i+1 -> i
+    averaging: Literal["fp32", "fp16", "8bit"] = "fp16"  # DiLoCo pseudo-gradients
+
+
+class SwarmConfig(_Section):
+    num_stages: int = Field(2, gt=0)
+    # first layer index of stages 1..num_stages-1; None = balanced by parameter count
+    stage_boundaries: Optional[list[int]] = None
+    compression: CompressionConfig = CompressionConfig()
+    sync_mode: Literal["diloco", "sync", "none"] = "diloco"
+    sync_every: int = Field(20, gt=0)  # DiLoCo H: inner steps per peer per outer round (stage average)
+    max_inflight: int = Field(4, gt=0)  # microbatches a peer holds at once (backpressure)
+    announce_period: float = Field(2.0, gt=0.0)  # seconds between DHT record refreshes
+    record_ttl: float = Field(20.0, gt=0.0)  # DHT record expiration, seconds
+    request_timeout: float = Field(30.0, gt=0.0)  # upper bound on a pipeline hop; adapted down from latency
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    max_steps: int = Field(100, gt=0)  # inner optimizer steps (per peer)
+    eval_interval: int = Field(25, ge=0)  # steps between validation passes; 0 = only at the end
+    eval_batches: int = Field(8, gt=0)  # microbatches per validation pass
+    log_interval: int = Field(5, gt=0)
+    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _device_known(self):
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    swarm: SwarmConfig = SwarmConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _stages_fit_model(self):
+        boundaries, stages = self.swarm.stage_boundaries, self.swarm.num_stages
+        if self.model.name_or_path is None and stages > self.model.num_layers:
+            raise ValueError(f"swarm.num_stages {stages} exceeds model.num_layers {self.model.num_layers}")
+        if boundaries is not None:
+            if len(boundaries) != stages - 1:
+                raise ValueError(f"swarm.stage_boundaries needs {stages - 1} entries for {stages} stages, got {len(boundaries)}")
+            edges = [0, *boundaries]
+            if any(b <= a for a, b in zip(edges, edges[1:])):
+                raise ValueError(f"swarm.stage_boundaries must be strictly increasing and > 0, got {boundaries}")
+            if self.model.name_or_path is None and boundaries[-1] >= self.model.num_layers:
+                raise ValueError(f"swarm.stage_boundaries {boundaries} leave no layer for the last stage")
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"data.seq_len {self.data.seq_len} exceeds model.max_position_embeddings")
+        return self
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short stable hash of the given sections (dotted paths), e.g. what stage peers must agree on."""
+        dump = self.model_dump(mode="json")
+        picked = {}
+        for path in sections:
+            node: Any = dump
+            for part in path.split("."):
+                node = node[part]
+            picked[path] = node
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{loc}: {msg}{extra}"
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override in place; value is parsed as YAML (so 3e-4, true, [1,2] work)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. optim.inner.lr=3e-4")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, float) and raw.strip().lower() in {"nan", ".nan"}:
+        raise ConfigError(f"{key}: NaN is not allowed")
+    node = tree
+    fields = Config.model_fields
+    for depth, part in enumerate(parts[:-1]):
+        if fields is not None and part not in fields:
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])}: unknown field")
+        annotation = fields[part].annotation if fields is not None else None
+        fields = getattr(annotation, "model_fields", None)
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is not a section")
+    if fields is not None and parts[-1] not in fields:
+        raise ConfigError(f"{key}: unknown field")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Load YAML at `path` (default configs/tiny.yaml), apply overrides, validate. Raises ConfigError."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    for override in overrides:
+        apply_override(tree, override)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, repeatable: --set optim.inner.lr=3e-4 --set data.seq_len=128")
+
+
+def config_from_args(args: argparse.Namespace, extra_overrides: list[str] = ()) -> Config:
+    """Load the config named on the command line; on error print one line and exit 2."""
+    try:
+        return load_config(args.config, [*args.overrides, *extra_overrides])
+    except ConfigError as e:
+        print(f"error: config: {e}", file=sys.stderr)
+        raise SystemExit(2)

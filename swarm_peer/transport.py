@@ -1,0 +1,342 @@
+"""Data plane between stage peers: one streaming RPC ("forward-then-backward in one call") over hivemind P2P.
+
+Wire format, both directions: a stream of ExpertRequest (call) / ExpertResponse (reply) messages. The first message's
+`metadata` is msgpack({"n": number of tensors, "m": metadata dict}); the tensors follow as runtime_pb2.Tensor parts
+in hivemind's split_for_streaming layout (the first part of a tensor carries dtype/size/compression and `chunks`, the
+rest only bytes), packed into messages of about `chunk_bytes`. An error reply is {"n": 0, "m": {"error": "..."}}.
+Streams bypass hivemind's 4 MiB unary limit and its unary timeouts (we apply our own).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Optional
+
+import msgpack
+import torch
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from swarm_peer.compression import decode, decoded_nbytes, encode
+
+CHUNK_BYTES = 1 << 20  # bytes per stream message; see scripts/bench_hop.py
+MAX_REQUEST_BYTES = 512 << 20
+MAX_TENSORS = 64
+MAX_METADATA_BYTES = 64 << 10
+_EXECUTOR_BYTES = 256 << 10  # encode/decode bigger tensors off the event loop
+
+Handler = Callable[[dict, "list[torch.Tensor]", PeerID], Awaitable["tuple[dict, list[torch.Tensor]]"]]
+
+
+class TransportError(RuntimeError):
+    """The peer could not be reached, broke the protocol or did not answer in time: ban it."""
+
+
+class TransportTimeout(TransportError):
+    """No complete reply within the timeout."""
+
+
+class RemoteError(RuntimeError):
+    """The peer answered with an error reply (it is alive; the message says what it rejected)."""
+
+
+class ProtocolError(ValueError):
+    """A malformed, truncated or oversized stream."""
+
+
+@dataclass
+class TransportStats:
+    """Byte/call counters (wire bytes of protobuf messages, both roles). Thread-safe."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    calls: int = 0
+    call_failures: int = 0
+    served: int = 0
+    served_errors: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+STATS = TransportStats()  # default, process-wide
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = MAX_REQUEST_BYTES  # wire bytes and decoded tensor bytes, each
+    max_tensors: int = MAX_TENSORS
+    max_metadata_bytes: int = MAX_METADATA_BYTES
+
+
+def _one_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return " ".join(text.split())[:300]
+
+
+def _encode(metadata: dict, tensors: list, codec: str, chunk_bytes: int, message_type) -> list:
+    """Messages of ~chunk_bytes each: small tensors share a message, big ones are split (one copy per part)."""
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
+    if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise TypeError("tensors must be a list of torch.Tensor")
+    first = msgpack.packb({"n": len(tensors), "m": metadata}, use_bin_type=True)
+    messages, parts, size = [], [], 0
+    for tensor in tensors:
+        header, payload = encode(tensor, codec)
+        payload = memoryview(payload)
+        header.chunks = max(1, math.ceil(len(payload) / chunk_bytes))
+        for index in range(header.chunks):
+            piece = payload[index * chunk_bytes: (index + 1) * chunk_bytes].tobytes()
+            if index == 0:
+                header.buffer = piece
+                parts.append(header)
+            else:
+                parts.append(runtime_pb2.Tensor(buffer=piece))
+            size += len(piece) + 32
+            if size >= chunk_bytes:
+                messages.append(message_type(tensors=parts))
+                parts, size = [], 0
+    if parts or not messages:
+        messages.append(message_type(tensors=parts))
+    messages[0].metadata = first
+    return messages
+
+
+async def _encode_async(metadata, tensors, codec, chunk_bytes, message_type) -> list:
+    nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) \
+        if isinstance(tensors, (list, tuple)) else 0
+    if nbytes < _EXECUTOR_BYTES:
+        return _encode(metadata, tensors, codec, chunk_bytes, message_type)
+    return await asyncio.get_running_loop().run_in_executor(
+        None, _encode, metadata, tensors, codec, chunk_bytes, message_type)
+
+
+def _assemble(pieces: list) -> bytes | bytearray:
+    if len(pieces) == 1:
+        return pieces[0]
+    buffer, offset = bytearray(sum(map(len, pieces))), 0
+    for piece in pieces:
+        buffer[offset: offset + len(piece)] = piece
+        offset += len(piece)
+    return buffer
+
+
+async def _receive(stream: AsyncIterator, limits: Limits, stats: TransportStats, stop_when_complete: bool = False):
+    """Parse a stream into (metadata, tensors), enforcing limits before allocating. Raises ProtocolError."""
+    loop = asyncio.get_running_loop()
+    metadata, expected, tensors = None, 0, []
+    header, pieces, wire_bytes, decoded_bytes = None, [], 0, 0
+
+    async def finish():
+        nonlocal header, pieces
+        buffer, tensor_header = _assemble(pieces), header
+        header, pieces = None, []
+        try:
+            if len(buffer) >= _EXECUTOR_BYTES:
+                tensors.append(await loop.run_in_executor(None, decode, tensor_header, buffer))
+            else:
+                tensors.append(decode(tensor_header, buffer))
+        except Exception as e:
+            raise ProtocolError(f"tensor {len(tensors)} failed to decode: {_one_line(e)}") from e
+
+    async for message in stream:
+        size = message.ByteSize()
+        wire_bytes += size
+        stats.add(bytes_received=size)
+        if wire_bytes > limits.max_bytes:
+            raise ProtocolError(f"stream exceeds {limits.max_bytes} bytes")
+        if metadata is None:
+            raw = message.metadata
+            if len(raw) > limits.max_metadata_bytes:
+                raise ProtocolError(f"metadata exceeds {limits.max_metadata_bytes} bytes")
+            try:
+                envelope = msgpack.unpackb(raw, raw=False, strict_map_key=False)  # size is capped above
+            except Exception as e:
+                raise ProtocolError(f"undecodable metadata: {_one_line(e)}") from e
+            if not (isinstance(envelope, dict) and isinstance(envelope.get("m"), dict)
+                    and type(envelope.get("n")) is int and 0 <= envelope["n"] <= limits.max_tensors):
+                raise ProtocolError(f"bad metadata envelope (at most {limits.max_tensors} tensors)")
+            metadata, expected = envelope["m"], envelope["n"]
+        elif message.metadata:
+            raise ProtocolError("metadata outside the first message")
+        for part in message.tensors:
+            if part.dtype:  # first part of a new tensor
+                if header is not None:
+                    raise ProtocolError(f"tensor {len(tensors)} truncated: {len(pieces)}/{header.chunks} parts")
+                if len(tensors) >= expected:
+                    raise ProtocolError(f"more than the {expected} tensors announced")
+                try:
+                    decoded_bytes += decoded_nbytes(part)
+                except Exception as e:
+                    raise ProtocolError(f"tensor {len(tensors)}: {_one_line(e)}") from e
+                if decoded_bytes > limits.max_bytes:
+                    raise ProtocolError(f"decoded tensors exceed {limits.max_bytes} bytes")
+                if part.chunks < 0:
+                    raise ProtocolError("negative chunk count")
+                header = runtime_pb2.Tensor(size=part.size, dtype=part.dtype, compression=part.compression,
+                                            chunks=max(1, part.chunks))
+            elif header is None:
+                raise ProtocolError("tensor part without a header")
+            pieces.append(part.buffer)
+            if len(pieces) == header.chunks:
+                await finish()
+        if stop_when_complete and header is None and len(tensors) == expected:
+            break
+    if metadata is None:
+        raise ProtocolError("empty stream")
+    if header is not None:
+        raise ProtocolError(f"tensor {len(tensors)} truncated: {len(pieces)}/{header.chunks} parts")
+    if len(tensors) != expected:
+        raise ProtocolError(f"stream ended after {len(tensors)} of {expected} tensors")
+    return metadata, tensors
+
+
+async def _drain(stream: AsyncIterator, timeout: float) -> None:
+    """Discard the rest of a rejected request (the caller normally hangs up as soon as it reads our error)."""
+    async def consume():
+        async for _ in stream:
+            pass
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consume(), timeout)
+
+
+class StageServicer(ServicerBase):
+    """Serves rpc_forward: parse the request, `await handler(metadata, tensors, remote_peer)`, stream the reply
+    (encoded with `reply_codec`). Any failure becomes an error reply; the servicer itself never raises."""
+
+    def __init__(self, handler: Handler, reply_codec: str = "none", *, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 max_tensors: int = MAX_TENSORS, max_metadata_bytes: int = MAX_METADATA_BYTES,
+                 request_timeout: float = 120.0, chunk_bytes: int = CHUNK_BYTES, stats: TransportStats = STATS):
+        encode(torch.zeros(1), reply_codec)  # validates the codec name now
+        self.handler, self.reply_codec, self.chunk_bytes, self.stats = handler, reply_codec, chunk_bytes, stats
+        self.limits = Limits(max_request_bytes, max_tensors, max_metadata_bytes)
+        self.request_timeout = request_timeout
+
+    @classmethod
+    def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
+        # fixed name (hivemind uses cls.__name__): subclasses stay reachable by call_forward
+        return f"{namespace}::StageServicer.{method_name}" if namespace is not None else f"StageServicer.{method_name}"
+
+    async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                          context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        failed = False
+        try:
+            metadata, tensors = await asyncio.wait_for(_receive(requests, self.limits, self.stats),
+                                                       self.request_timeout)
+            reply = await self.handler(metadata, tensors, context.remote_id)
+            if not (isinstance(reply, tuple) and len(reply) == 2):
+                raise TypeError("handler must return (metadata dict, list of tensors)")
+            messages = await _encode_async(reply[0], reply[1], self.reply_codec, self.chunk_bytes,
+                                           runtime_pb2.ExpertResponse)
+        except Exception as e:  # CancelledError (caller gone) passes through
+            failed = True
+            messages = _encode({"error": _one_line(e)}, [], "none", self.chunk_bytes, runtime_pb2.ExpertResponse)
+        self.stats.add(served=1, served_errors=int(failed))
+        for message in messages:
+            self.stats.add(bytes_sent=message.ByteSize())
+            yield message
+        if failed:
+            await _drain(requests, timeout=min(self.request_timeout, 30.0))
+
+
+async def call_forward(p2p: P2P, peer_id: PeerID, metadata: dict, tensors: list[torch.Tensor], codec: str,
+                       timeout: float, namespace: str, *, stats: TransportStats = STATS,
+                       max_reply_bytes: int = MAX_REQUEST_BYTES, chunk_bytes: int = CHUNK_BYTES,
+                       ) -> tuple[dict, list[torch.Tensor]]:
+    """Send (metadata, tensors) to `peer_id`'s StageServicer and return its reply (CPU tensors; move them yourself).
+
+    Raises RemoteError (error reply), TransportTimeout (nothing complete within `timeout` s, whole exchange),
+    TransportError (unreachable peer, broken stream, malformed reply); TypeError/ValueError for bad local inputs.
+    """
+    messages = await _encode_async(metadata, tensors, codec, chunk_bytes, runtime_pb2.ExpertRequest)
+    limits = Limits(max_reply_bytes, MAX_TENSORS, MAX_METADATA_BYTES)
+    handle_name = StageServicer._get_handle_name(namespace, "rpc_forward")
+
+    async def requests():
+        for message in messages:
+            stats.add(bytes_sent=message.ByteSize())
+            yield message
+
+    async def exchange():
+        responses = await p2p.iterate_protobuf_handler(peer_id, handle_name, requests(), runtime_pb2.ExpertResponse)
+        async with contextlib.aclosing(responses):  # hang up at once: cancels our writer if the peer replied early
+            return await _receive(responses, limits, stats, stop_when_complete=True)
+
+    stats.add(calls=1)
+    try:
+        reply_metadata, reply_tensors = await asyncio.wait_for(exchange(), timeout)
+    except asyncio.TimeoutError as e:
+        stats.add(call_failures=1)
+        raise TransportTimeout(f"no complete reply from {peer_id} within {timeout:g} s") from e
+    except Exception as e:
+        stats.add(call_failures=1)
+        raise TransportError(f"call to {peer_id} failed: {_one_line(e)}") from e
+    if "error" in reply_metadata:
+        stats.add(call_failures=1)
+        raise RemoteError(str(reply_metadata["error"]))
+    return reply_metadata, reply_tensors
+
+
+class LoopThread:
+    """One long-lived asyncio loop in a daemon thread (hivemind's P2P is bound to the loop that first used it)."""
+
+    def __init__(self, name: str = "swarm-peer-loop"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro, timeout: Optional[float] = None):
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("LoopThread.run called from its own loop thread (would deadlock); await instead")
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel pending tasks, stop the loop, join the thread. Idempotent."""
+        if self.loop.is_closed() or not self._thread.is_alive():
+            return
+
+        async def cancel_all():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=timeout)
+
+        with contextlib.suppress(Exception):
+            self.submit(cancel_all()).result(timeout + 1)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    def __enter__(self) -> "LoopThread":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,323 @@
+"""swarm_peer.transport over real hivemind DHT + P2P: the servers run in separate OS processes (this file, run as a
+script with --serve), each in its own session so teardown can kill it and its p2pd by process group."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMESPACE = "test-run"
+SERVER_MAX_BYTES = 24 << 20  # the 20 MiB payload fits, 32 MiB does not
+CODECS = ("none", "fp16", "bf16", "8bit")
+
+
+# ------------------------------------------------------------------------------------------------- server process
+def _serve() -> None:
+    import hivemind
+
+    from swarm_peer.transport import LoopThread, StageServicer
+
+    async def handler(metadata, tensors, remote_peer):
+        op = metadata.get("op", "echo")
+        if op == "fail":
+            raise ValueError("handler failed\non purpose")
+        if op == "sleep":
+            await asyncio.sleep(metadata["seconds"])
+        if op == "bad_reply":
+            return "not a tuple"
+        if op == "double":
+            tensors = [2 * t if t.is_floating_point() else t for t in tensors]
+        return {"op": op, "dtypes": [str(t.dtype) for t in tensors], "peer": str(remote_peer)}, tensors
+
+    dht = hivemind.DHT(start=True)
+    loop = LoopThread()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        p2p = loop.run(dht.replicate_p2p(), 30)
+        for codec in CODECS:  # one namespace per reply codec
+            servicer = StageServicer(handler, codec, max_request_bytes=SERVER_MAX_BYTES, request_timeout=10)
+            loop.run(servicer.add_p2p_handlers(p2p, namespace=f"{NAMESPACE}-{codec}"), 30)
+        print(json.dumps({"peer_id": str(dht.peer_id), "maddrs": [str(m) for m in dht.get_visible_maddrs()]}),
+              flush=True)
+        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()  # EOF = stop
+        stop.wait()
+    finally:
+        loop.stop()
+        dht.shutdown()
+
+
+class Server:
+    def __init__(self):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), HIVEMIND_LOGLEVEL="ERROR")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, cwd=ROOT, env=env, start_new_session=True)
+
+    def ready(self, timeout: float = 60) -> "Server":
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise TimeoutError("server did not start")
+        info = json.loads(self.proc.stdout.readline() or b"null")
+        assert info, f"server exited with {self.proc.poll()}"
+        self.peer_id, self.maddrs = info["peer_id"], info["maddrs"]
+        return self
+
+    def kill(self) -> None:
+        """Graceful first (stdin EOF: the DHT shuts its p2pd down), then SIGKILL whatever is left in its group."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.proc.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group = the server, its DHT process and p2pd
+        self.proc.wait(10)
+
+    def crash(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    started = [Server(), Server()]  # [0] serves every test, [1] is killed by test_dead_peer
+    try:
+        yield [s.ready() for s in started]
+    finally:
+        for server in started:
+            server.kill()
+
+
+@pytest.fixture(scope="module")
+def client(servers):
+    import hivemind
+
+    from swarm_peer.transport import LoopThread
+
+    dht = hivemind.DHT(initial_peers=[m for s in servers for m in s.maddrs], start=True)
+    loop = LoopThread()
+    try:
+        p2p = loop.run(dht.replicate_p2p(), 30)
+        yield loop, p2p
+    finally:
+        loop.stop()
+        dht.shutdown()
+
+
+def _peer(server):
+    from hivemind.p2p import PeerID
+
+    return PeerID.from_base58(server.peer_id)
+
+
+def _call(client, server, metadata, tensors, codec="none", timeout=10.0, reply_codec="none", **kwargs):
+    from swarm_peer.transport import call_forward
+
+    loop, p2p = client
+    coro = call_forward(p2p, _peer(server), metadata, tensors, codec, timeout, f"{NAMESPACE}-{reply_codec}", **kwargs)
+    return loop.run(coro, timeout + 5)
+
+
+def _raw_call(client, server, messages, timeout=10.0):
+    """Send hand-made request messages; return the reply metadata (error replies carry {"error": ...})."""
+    from hivemind.proto import runtime_pb2
+
+    from swarm_peer.transport import STATS, Limits, StageServicer, _receive
+
+    loop, p2p = client
+
+    async def go():
+        async def requests():
+            for message in messages:
+                yield message
+
+        name = StageServicer._get_handle_name(f"{NAMESPACE}-none", "rpc_forward")
+        responses = await p2p.iterate_protobuf_handler(_peer(server), name, requests(), runtime_pb2.ExpertResponse)
+        async with contextlib.aclosing(responses):
+            return (await _receive(responses, Limits(), STATS, stop_when_complete=True))[0]
+
+    return loop.run(asyncio.wait_for(go(), timeout), timeout + 5)
+
+
+def _assert_alive(client, server):
+    metadata, (y,) = _call(client, server, {"op": "double"}, [torch.ones(3)])
+    assert metadata["op"] == "double" and torch.equal(y, torch.full((3,), 2.0))
+
+
+# ------------------------------------------------------------------------------------------------- tests
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def test_small_call(client, servers):
+    from swarm_peer.transport import STATS
+
+    before = STATS.snapshot()
+    x, ids = torch.randn(4, 8, 16), torch.randint(0, 257, (4, 8))
+    metadata, (y, ids_back) = _call(client, servers[0], {"op": "double", "step": 7, "nested": {"a": [1, 2]}}, [x, ids])
+    assert metadata["op"] == "double" and metadata["dtypes"] == ["torch.float32", "torch.int64"]
+    assert torch.equal(y, 2 * x) and torch.equal(ids_back, ids)
+    after = STATS.snapshot()
+    assert after["bytes_sent"] - before["bytes_sent"] >= x.numel() * 4 + ids.numel() * 8
+    assert after["bytes_received"] - before["bytes_received"] >= x.numel() * 4 + ids.numel() * 8
+    assert after["calls"] == before["calls"] + 1
+
+
+def test_metadata_only_and_empty_tensor(client, servers):
+    metadata, tensors = _call(client, servers[0], {"op": "echo"}, [])
+    assert metadata["op"] == "echo" and tensors == []
+    _, (empty, scalar) = _call(client, servers[0], {}, [torch.zeros(0, 5), torch.tensor(3.5)], codec="8bit")
+    assert empty.shape == (0, 5) and scalar.item() == 3.5
+
+
+def test_large_payload_above_unary_limit(client, servers):
+    x = torch.randn(5 << 20)  # 20 MiB of fp32 (the unary limit is 4 MiB)
+    start = time.perf_counter()
+    _, (y,) = _call(client, servers[0], {"op": "double"}, [x], timeout=30)
+    assert torch.equal(y, 2 * x)
+    assert time.perf_counter() - start < 15
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_codecs(client, servers, codec):
+    bound = {"none": 0.0, "fp16": 1e-3, "bf16": 1e-2, "8bit": 0.05}[codec]
+    x, ids = torch.randn(4, 128, 192), torch.randint(0, 50000, (4, 128))
+    metadata, (y, ids_back) = _call(client, servers[0], {"op": "double"}, [x, ids], codec=codec, reply_codec=codec)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert ((y - 2 * x).norm() / (2 * x).norm()).item() <= 2 * bound + 1e-7  # lossy twice: request and reply
+    assert torch.equal(ids_back, ids)  # integers never compressed
+
+
+def test_handler_error_is_remote_error(client, servers):
+    from swarm_peer.transport import RemoteError
+
+    with pytest.raises(RemoteError, match="handler failed on purpose"):
+        _call(client, servers[0], {"op": "fail"}, [torch.ones(2)])
+    with pytest.raises(RemoteError, match="handler must return"):
+        _call(client, servers[0], {"op": "bad_reply"}, [])
+    _assert_alive(client, servers[0])
+
+
+def test_oversized_request_rejected(client, servers):
+    from swarm_peer.transport import RemoteError
+
+    start = time.perf_counter()
+    with pytest.raises(RemoteError, match="exceed"):
+        _call(client, servers[0], {}, [torch.zeros(8 << 20)])  # 32 MiB > 24 MiB cap, rejected at the header
+    assert time.perf_counter() - start < 5
+    with pytest.raises(RemoteError, match="tensors"):
+        _call(client, servers[0], {}, [torch.zeros(1)] * 100)  # more than MAX_TENSORS
+    _assert_alive(client, servers[0])
+
+
+def test_malformed_requests_get_error_replies(client, servers):
+    from hivemind.proto import runtime_pb2
+
+    from swarm_peer.transport import _encode
+
+    Request = runtime_pb2.ExpertRequest
+    envelope = msgpack.packb({"n": 1, "m": {}})
+    huge = runtime_pb2.Tensor(buffer=b"x" * 16, size=[1 << 20, 1 << 12], dtype="float32", chunks=1)  # claims 16 GiB
+    cases = {
+        "undecodable metadata": [Request(metadata=b"\xc1\xc1 not msgpack")],
+        "bad metadata envelope": [Request(metadata=msgpack.packb([1, 2, 3]))],
+        "metadata exceeds": [Request(metadata=b"\x00" * (65 << 10))],
+        "decoded tensors exceed": [Request(metadata=envelope, tensors=[huge])],
+        "failed to decode": [Request(metadata=envelope, tensors=[
+            runtime_pb2.Tensor(buffer=b"abc", size=[4], dtype="float32", chunks=1)])],
+        "unsupported dtype": [Request(metadata=envelope, tensors=[
+            runtime_pb2.Tensor(buffer=b"abcd", size=[1], dtype="object", chunks=1)])],
+        "part without a header": [Request(metadata=envelope, tensors=[runtime_pb2.Tensor(buffer=b"abcd")])],
+        "more than the 1 tensors": [Request(metadata=envelope, tensors=[
+            runtime_pb2.Tensor(buffer=b"abcd", size=[1], dtype="float32", chunks=1)] * 2)],
+        "empty stream": [],
+        "ended after 0 of 1": [Request(metadata=envelope)],
+    }
+    # truncated: a 3 MiB tensor in 1 MiB parts, last message dropped
+    truncated = _encode({}, [torch.randn(3 << 18)], "none", 1 << 20, Request)
+    assert len(truncated) >= 3
+    cases["truncated"] = truncated[:-1]
+    for expected, messages in cases.items():
+        reply = _raw_call(client, servers[0], messages)
+        assert expected in reply.get("error", ""), (expected, reply)
+    _assert_alive(client, servers[0])
+
+
+def test_client_hangs_up_mid_tensor(client, servers):
+    from hivemind.proto import runtime_pb2
+
+    from swarm_peer.transport import StageServicer, _encode
+
+    loop, p2p = client
+    messages = _encode({}, [torch.randn(3 << 18)], "none", 1 << 20, runtime_pb2.ExpertRequest)
+
+    async def hang_up():
+        async def requests():
+            yield messages[0]
+            await asyncio.sleep(60)  # stuck mid-tensor until we give up
+
+        name = StageServicer._get_handle_name(f"{NAMESPACE}-none", "rpc_forward")
+        responses = await p2p.iterate_protobuf_handler(_peer(servers[0]), name, requests(), runtime_pb2.ExpertResponse)
+        pending = asyncio.ensure_future(responses.__anext__())
+        await asyncio.sleep(0.5)
+        pending.cancel()  # like a caller whose timeout fired: the stream is closed mid-tensor
+        with contextlib.suppress(BaseException):
+            await pending
+
+    loop.run(hang_up(), 10)
+    _assert_alive(client, servers[0])
+
+
+def test_timeout(client, servers):
+    from swarm_peer.transport import TransportError, TransportTimeout
+
+    start = time.perf_counter()
+    with pytest.raises(TransportTimeout):
+        _call(client, servers[0], {"op": "sleep", "seconds": 3}, [torch.ones(2)], timeout=0.5)
+    assert time.perf_counter() - start < 2
+    assert issubclass(TransportTimeout, TransportError)
+    _assert_alive(client, servers[0])
+
+
+def test_dead_peer_fails_fast(client, servers):
+    from swarm_peer.transport import TransportError
+
+    _assert_alive(client, servers[1])  # connected once, then SIGKILLed (with its DHT and p2pd)
+    servers[1].crash()
+    start = time.perf_counter()
+    with pytest.raises(TransportError):
+        _call(client, servers[1], {"op": "double"}, [torch.ones(2)], timeout=10)
+    assert time.perf_counter() - start < 5
+    _assert_alive(client, servers[0])
+
+
+def test_loop_thread():
+    from swarm_peer.transport import LoopThread
+
+    async def add(a, b):
+        await asyncio.sleep(0.01)
+        return a + b
+
+    with LoopThread() as loop:
+        assert loop.run(add(1, 2), 5) == 3
+        assert loop.submit(add(3, 4)).result(5) == 7
+        pending = loop.submit(asyncio.sleep(60))
+        with pytest.raises(TimeoutError):
+            loop.run(asyncio.sleep(60), 0.05)
+    assert pending.cancelled() and loop.loop.is_closed()
+    loop.stop()  # idempotent
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    _serve()
