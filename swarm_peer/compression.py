@@ -73,7 +73,7 @@ def compression_strategy(codec: str) -> CompressionBase:
 def _raw(tensor: torch.Tensor, dtype_name: str):
     data = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
     header = runtime_pb2.Tensor(compression=CompressionType.NONE, size=tensor.shape, dtype=dtype_name)
-    return header, memoryview(data.numpy()).cast("B")  # zero-copy view of the tensor's bytes
+    return header, memoryview(data.reshape(-1).numpy()).cast("B")  # zero-copy view of the tensor's bytes
 
 
 def encode(tensor: torch.Tensor, codec: str) -> tuple[runtime_pb2.Tensor, bytes | memoryview]:

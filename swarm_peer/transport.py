@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ MAX_REQUEST_BYTES = 512 << 20
 MAX_TENSORS = 64
 MAX_METADATA_BYTES = 64 << 10
 _EXECUTOR_BYTES = 256 << 10  # encode/decode bigger tensors off the event loop
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict, "list[torch.Tensor]", PeerID], Awaitable["tuple[dict, list[torch.Tensor]]"]]
 
@@ -41,7 +43,7 @@ class TransportTimeout(TransportError):
 
 
 class RemoteError(RuntimeError):
-    """The peer answered with an error reply (it is alive; the message says what it rejected)."""
+    """The peer answered with an error reply: it is alive; str(e) is its message (e.g. "busy: queue full")."""
 
 
 class ProtocolError(ValueError):
@@ -50,7 +52,7 @@ class ProtocolError(ValueError):
 
 @dataclass
 class TransportStats:
-    """Byte/call counters (wire bytes of protobuf messages, both roles). Thread-safe."""
+    """Call counters and payload bytes (metadata + tensor buffers, as encoded; both roles). Thread-safe."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -81,18 +83,19 @@ class Limits:
 
 
 def _one_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    return " ".join(text.split())[:300]
+    """The message alone (callers match prefixes such as "busy"); the type name only when there is no message."""
+    return " ".join((str(error) or type(error).__name__).split())[:300]
 
 
 def _encode(metadata: dict, tensors: list, codec: str, chunk_bytes: int, message_type) -> list:
-    """Messages of ~chunk_bytes each: small tensors share a message, big ones are split (one copy per part)."""
+    """[(message, payload bytes)], messages of ~chunk_bytes: small tensors share one, big ones are split.
+    (Payload = metadata + tensor buffers; protobuf's ByteSize() costs as much as serializing, so we count ourselves.)"""
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
     if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in tensors):
         raise TypeError("tensors must be a list of torch.Tensor")
     first = msgpack.packb({"n": len(tensors), "m": metadata}, use_bin_type=True)
-    messages, parts, size = [], [], 0
+    messages, parts, size = [], [], len(first)
     for tensor in tensors:
         header, payload = encode(tensor, codec)
         payload = memoryview(payload)
@@ -104,23 +107,22 @@ def _encode(metadata: dict, tensors: list, codec: str, chunk_bytes: int, message
                 parts.append(header)
             else:
                 parts.append(runtime_pb2.Tensor(buffer=piece))
-            size += len(piece) + 32
+            size += len(piece)
             if size >= chunk_bytes:
-                messages.append(message_type(tensors=parts))
+                messages.append((message_type(tensors=parts), size))
                 parts, size = [], 0
     if parts or not messages:
-        messages.append(message_type(tensors=parts))
-    messages[0].metadata = first
+        messages.append((message_type(tensors=parts), size))
+    messages[0][0].metadata = first
     return messages
 
 
 async def _encode_async(metadata, tensors, codec, chunk_bytes, message_type) -> list:
-    nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) \
-        if isinstance(tensors, (list, tuple)) else 0
-    if nbytes < _EXECUTOR_BYTES:
-        return _encode(metadata, tensors, codec, chunk_bytes, message_type)
-    return await asyncio.get_running_loop().run_in_executor(
-        None, _encode, metadata, tensors, codec, chunk_bytes, message_type)
+    args = (metadata, tensors, codec, chunk_bytes, message_type)
+    if not isinstance(tensors, (list, tuple)) or sum(
+            t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) < _EXECUTOR_BYTES:
+        return _encode(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, _encode, *args)
 
 
 def _assemble(pieces: list) -> bytes | bytearray:
@@ -137,28 +139,20 @@ async def _receive(stream: AsyncIterator, limits: Limits, stats: TransportStats,
     """Parse a stream into (metadata, tensors), enforcing limits before allocating. Raises ProtocolError."""
     loop = asyncio.get_running_loop()
     metadata, expected, tensors = None, 0, []
-    header, pieces, wire_bytes, decoded_bytes = None, [], 0, 0
+    header, pieces, wire_bytes, decoded_bytes, counted = None, [], 0, 0, 0
 
-    async def finish():
-        nonlocal header, pieces
-        buffer, tensor_header = _assemble(pieces), header
-        header, pieces = None, []
+    async def finish(tensor_header, tensor_pieces):
+        job = lambda: decode(tensor_header, _assemble(tensor_pieces))  # noqa: E731
         try:
-            if len(buffer) >= _EXECUTOR_BYTES:
-                tensors.append(await loop.run_in_executor(None, decode, tensor_header, buffer))
-            else:
-                tensors.append(decode(tensor_header, buffer))
+            big = sum(map(len, tensor_pieces)) >= _EXECUTOR_BYTES
+            tensors.append(await loop.run_in_executor(None, job) if big else job())
         except Exception as e:
             raise ProtocolError(f"tensor {len(tensors)} failed to decode: {_one_line(e)}") from e
 
     async for message in stream:
-        size = message.ByteSize()
-        wire_bytes += size
-        stats.add(bytes_received=size)
-        if wire_bytes > limits.max_bytes:
-            raise ProtocolError(f"stream exceeds {limits.max_bytes} bytes")
         if metadata is None:
             raw = message.metadata
+            wire_bytes += len(raw)
             if len(raw) > limits.max_metadata_bytes:
                 raise ProtocolError(f"metadata exceeds {limits.max_metadata_bytes} bytes")
             try:
@@ -189,9 +183,16 @@ async def _receive(stream: AsyncIterator, limits: Limits, stats: TransportStats,
                                             chunks=max(1, part.chunks))
             elif header is None:
                 raise ProtocolError("tensor part without a header")
-            pieces.append(part.buffer)
+            piece = part.buffer
+            pieces.append(piece)
+            wire_bytes += len(piece)
+            if wire_bytes > limits.max_bytes:
+                raise ProtocolError(f"stream exceeds {limits.max_bytes} bytes")
             if len(pieces) == header.chunks:
-                await finish()
+                await finish(header, pieces)
+                header, pieces = None, []
+        stats.add(bytes_received=wire_bytes - counted)
+        counted = wire_bytes
         if stop_when_complete and header is None and len(tensors) == expected:
             break
     if metadata is None:
@@ -234,8 +235,11 @@ class StageServicer(ServicerBase):
                           context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         failed = False
         try:
-            metadata, tensors = await asyncio.wait_for(_receive(requests, self.limits, self.stats),
-                                                       self.request_timeout)
+            try:
+                metadata, tensors = await asyncio.wait_for(_receive(requests, self.limits, self.stats),
+                                                           self.request_timeout)
+            except asyncio.TimeoutError:
+                raise ProtocolError(f"request not complete within {self.request_timeout:g} s") from None
             reply = await self.handler(metadata, tensors, context.remote_id)
             if not (isinstance(reply, tuple) and len(reply) == 2):
                 raise TypeError("handler must return (metadata dict, list of tensors)")
@@ -243,10 +247,11 @@ class StageServicer(ServicerBase):
                                            runtime_pb2.ExpertResponse)
         except Exception as e:  # CancelledError (caller gone) passes through
             failed = True
+            logger.debug(f"rpc_forward from {context.remote_id}: error reply: {_one_line(e)}")
             messages = _encode({"error": _one_line(e)}, [], "none", self.chunk_bytes, runtime_pb2.ExpertResponse)
         self.stats.add(served=1, served_errors=int(failed))
-        for message in messages:
-            self.stats.add(bytes_sent=message.ByteSize())
+        for message, nbytes in messages:
+            self.stats.add(bytes_sent=nbytes)
             yield message
         if failed:
             await _drain(requests, timeout=min(self.request_timeout, 30.0))
@@ -266,8 +271,8 @@ async def call_forward(p2p: P2P, peer_id: PeerID, metadata: dict, tensors: list[
     handle_name = StageServicer._get_handle_name(namespace, "rpc_forward")
 
     async def requests():
-        for message in messages:
-            stats.add(bytes_sent=message.ByteSize())
+        for message, nbytes in messages:
+            stats.add(bytes_sent=nbytes)
             yield message
 
     async def exchange():
@@ -283,7 +288,7 @@ async def call_forward(p2p: P2P, peer_id: PeerID, metadata: dict, tensors: list[
         raise TransportTimeout(f"no complete reply from {peer_id} within {timeout:g} s") from e
     except Exception as e:
         stats.add(call_failures=1)
-        raise TransportError(f"call to {peer_id} failed: {_one_line(e)}") from e
+        raise TransportError(f"call to {peer_id} failed: {type(e).__name__}: {_one_line(e)}") from e
     if "error" in reply_metadata:
         stats.add(call_failures=1)
         raise RemoteError(str(reply_metadata["error"]))

@@ -1,0 +1,217 @@
+"""The torch side of a stage peer: its model and inner optimizer, run on one compute thread.
+
+Training semantics (why the numbers are exact):
+- Gradient accumulation window. A peer admits microbatches until it holds `data.batch_size` samples, then admits
+  nothing more until every admitted microbatch has finished its backward (or been abandoned), steps AdamW, and
+  reopens. So every gradient a peer applies was computed against exactly the weights its forward used: no weight
+  stashing and no version mismatch, at the price of one pipeline flush per inner step (bubble (S-1)/(M+S-1) for
+  S stages and M microbatches per step). Senders see a closed window as queue/backpressure and route around it.
+- Loss scale. The last stage back-propagates mean_loss * n / batch_size for a microbatch of n samples, so a full
+  window sums to the batch-mean gradient exactly as the single-process baseline computes it. A window that closes
+  with fewer completed samples (an abandoned microbatch) is rescaled to its own sample count before the step.
+- One compute thread executes all torch work in priority order: optimizer step, then backward, then forward (a
+  backward frees memory and unblocks the sender; a forward only adds work).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from swarm_peer.config import Config
+from swarm_peer.model import StageModel, build_stage, stage_spec, weights_hash
+from swarm_peer.optim import build_inner_optimizer, clip_grad_norm
+
+STEP, BACKWARD, FORWARD = 0, 1, 2
+
+
+class ComputeThread:
+    """A single worker thread with a priority queue; `await run(priority, fn)` from the event loop."""
+
+    def __init__(self, name: str = "swarm-peer-compute"):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._counter = itertools.count()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            _, _, item = self._queue.get()
+            if item is None:
+                return
+            fn, loop, future = item
+            try:
+                result, error = fn(), None
+            except BaseException as e:  # reported to the awaiting coroutine
+                result, error = None, e
+            loop.call_soon_threadsafe(_resolve, future, result, error)
+
+    async def run(self, priority: int, fn):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((priority, next(self._counter), (fn, loop, future)))
+        return await future
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self) -> None:
+        self._queue.put((-1, -1, None))
+        self._thread.join(timeout=10)
+
+
+def _resolve(future: asyncio.Future, result, error) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class GradientWindow:
+    """Admission control for one inner step's worth of samples (see the module docstring)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.admitted = self.pending = self.completed = 0
+        self.waiting = 0  # microbatches blocked in admit(): the peer's queue
+        self._open = asyncio.Event()
+        self._open.set()
+        self._drained = asyncio.Event()
+
+    async def admit(self, samples: int) -> None:
+        self.waiting += 1
+        try:
+            while not self._open.is_set():
+                await self._open.wait()
+        finally:
+            self.waiting -= 1
+        self.admitted += samples
+        self.pending += 1
+        if self.admitted >= self.batch_size:
+            self._open.clear()
+
+    def finish(self, samples: int, ok: bool) -> None:
+        self.pending -= 1
+        if ok:
+            self.completed += samples
+        if self.pending == 0 and not self._open.is_set():
+            self._drained.set()
+
+    async def wait_full(self) -> int:
+        """Wait until the window is closed and drained; returns the completed sample count."""
+        await self._drained.wait()
+        return self.completed
+
+    def close_partial(self) -> bool:
+        """At the end of a run: close a partly filled window so it gets stepped. False if there is nothing."""
+        if self.admitted == 0:
+            return False
+        self._open.clear()
+        if self.pending == 0:
+            self._drained.set()
+        return True
+
+    def reopen(self) -> None:
+        self.admitted = self.pending = self.completed = 0
+        self._drained.clear()
+        self._open.set()
+
+
+@dataclass
+class Pending:
+    """A microbatch between its forward and its backward on this peer."""
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    started: float
+
+
+class StageTrainer:
+    """Model + AdamW for one stage; every method runs on the compute thread."""
+
+    def __init__(self, cfg: Config, stage: int, device: torch.device, test_delay: float = 0.0):
+        self.cfg, self.device, self.test_delay = cfg, device, test_delay
+        self.spec = stage_spec(cfg, stage)
+        self.model: StageModel = build_stage(cfg, stage).to(device)
+        self.model.train()
+        self.params = list(self.model.parameters())
+        self.opt, self.sched = build_inner_optimizer(self.params, cfg.optim.inner, cfg.run.max_steps)
+        self.inner_step = 0
+        self.samples_stepped = 0
+        self.compute_seconds = 0.0
+        self.throughput = 0.0  # samples/s EMA of this peer's compute
+
+    def _account(self, samples: int, seconds: float) -> None:
+        self.compute_seconds += seconds
+        rate = samples / max(seconds, 1e-6)
+        self.throughput = rate if self.throughput == 0 else 0.8 * self.throughput + 0.2 * rate
+
+    def forward(self, x: torch.Tensor) -> Pending:
+        t0 = time.perf_counter()
+        if self.test_delay:
+            time.sleep(self.test_delay)  # test-only: emulate a slower peer
+        x = x.to(self.device)
+        if not self.spec.is_first:
+            x = x.detach().requires_grad_(True)
+        out = self.model(x)
+        self._account(x.shape[0], time.perf_counter() - t0)
+        return Pending(x, out, t0)
+
+    def backward(self, pending: Pending, grad_out: torch.Tensor) -> torch.Tensor | None:
+        t0 = time.perf_counter()
+        grad_out = grad_out.to(self.device, dtype=pending.outputs.dtype)
+        if not torch.isfinite(grad_out).all():
+            raise ValueError("non-finite gradient received; microbatch dropped")
+        torch.autograd.backward(pending.outputs, grad_out)
+        self._account(pending.inputs.shape[0], time.perf_counter() - t0)
+        return None if self.spec.is_first else pending.inputs.grad.detach()
+
+    def forward_backward_last(self, x: torch.Tensor, labels: torch.Tensor, samples: int) -> tuple[torch.Tensor, float]:
+        """Last stage: forward, loss, backward of loss * samples / batch_size; returns (input grad, mean loss)."""
+        pending = self.forward(x)
+        t0 = time.perf_counter()
+        loss = StageModel.loss(pending.outputs, labels.to(self.device))
+        value = loss.item()
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("non-finite loss; microbatch dropped")
+        (loss * (samples / self.cfg.data.batch_size)).backward()
+        self._account(samples, time.perf_counter() - t0)
+        return pending.inputs.grad.detach(), value
+
+    @torch.no_grad()
+    def evaluate_last(self, x: torch.Tensor, labels: torch.Tensor) -> float:
+        return StageModel.loss(self.model(x.to(self.device)), labels.to(self.device)).item()
+
+    @torch.no_grad()
+    def forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.device))
+
+    def step(self, completed_samples: int) -> None:
+        """Inner AdamW step on this peer's own accumulated samples."""
+        if completed_samples <= 0:
+            self.opt.zero_grad(set_to_none=True)
+            return
+        if completed_samples != self.cfg.data.batch_size:
+            scale = self.cfg.data.batch_size / completed_samples
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        for p in self.params:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                self.opt.zero_grad(set_to_none=True)
+                raise ValueError("non-finite accumulated gradient; step skipped")
+        clip_grad_norm(self.params, self.cfg.optim.inner.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.inner_step += 1
+        self.samples_stepped += completed_samples
+
+    def weights_hash(self) -> str:
+        return weights_hash(self.model)

@@ -1,0 +1,205 @@
+"""`python -m swarm_peer --stage N [--initial-peers MADDR ...]`: start a peer hosting one pipeline stage.
+
+Joins (or starts) the run's hivemind DHT, prints a copy-pasteable join line, announces its stage, trains until
+the run's end (stage 0: `run.max_steps` inner steps; later stages: until the previous stage has finished), writes
+its JSON summary and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from swarm_peer.config import ConfigError, add_config_args, config_from_args
+
+log = logging.getLogger("swarm_peer")
+
+
+def add_network_args(parser: argparse.ArgumentParser) -> None:
+    """hivemind's conventions; dashes and underscores both accepted."""
+    parser.add_argument("--initial-peers", "--initial_peers", nargs="*", default=[], metavar="MADDR",
+                        help="multiaddrs of any running peers (…/p2p/<peer id>); none = start a new swarm")
+    parser.add_argument("--run-id", "--run_id", default="swarm", help="DHT prefix: several swarms can share one DHT")
+    parser.add_argument("--host-maddrs", "--host_maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"],
+                        help="where to listen (default: all interfaces, random port)")
+    parser.add_argument("--announce-maddrs", "--announce_maddrs", nargs="+", default=None,
+                        help="public addresses to announce (behind NAT / port forwarding)")
+    parser.add_argument("--identity-path", "--identity_path", help="private key file for a stable peer id")
+    parser.add_argument("--client-mode", "--client_mode", action="store_true",
+                        help="make only outgoing connections (stage 0 / tools behind NAT)")
+    parser.add_argument("--maddrs-file", "--maddrs_file", help="write this peer's multiaddrs here, one per line")
+    parser.add_argument("--verbose", "-v", action="store_true", help="hivemind's own logs at info level")
+
+
+def _fail(message: str) -> "SystemExit":
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def check_network_args(args) -> None:
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for maddr in args.initial_peers:
+        try:
+            parsed = Multiaddr(maddr)
+        except Exception:
+            raise _fail(f"--initial-peers: {maddr!r} is not a multiaddr (like /ip4/1.2.3.4/tcp/31337/p2p/Qm…)")
+        if "/p2p/" not in str(parsed):
+            raise _fail(f"--initial-peers: {maddr!r} must end with /p2p/<peer id>")
+    for flag in ("host_maddrs", "announce_maddrs"):
+        for maddr in getattr(args, flag) or []:
+            try:
+                Multiaddr(maddr)
+            except Exception:
+                raise _fail(f"--{flag.replace('_', '-')}: {maddr!r} is not a multiaddr")
+    from swarm_peer.records import RUN_ID_RE
+
+    if not RUN_ID_RE.match(args.run_id):
+        raise _fail(f"--run-id {args.run_id!r}: use 1-64 letters, digits or '-'")
+    if args.client_mode and not args.initial_peers:
+        raise _fail("--client-mode needs --initial-peers of a peer that accepts connections")
+
+
+def _is_loopback(maddr) -> bool:
+    parts = str(maddr).split("/")
+    try:
+        return len(parts) > 2 and parts[1] in ("ip4", "ip6") and ipaddress.ip_address(parts[2]).is_loopback
+    except ValueError:
+        return False
+
+
+def start_dht(args, validators):
+    """Start the DHT; print the join line; write the maddrs file; warn about unusable setups."""
+    import hivemind
+
+    dht = hivemind.DHT(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
+                       announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
+                       client_mode=args.client_mode, record_validators=validators, start=True,
+                       startup_timeout=30)
+    maddrs = sorted(dht.get_visible_maddrs(), key=_is_loopback)  # non-loopback first
+    if args.maddrs_file:
+        tmp = f"{args.maddrs_file}.tmp"
+        Path(tmp).write_text("".join(f"{m}\n" for m in maddrs))
+        os.replace(tmp, args.maddrs_file)
+    if args.client_mode:
+        print(f"peer {dht.peer_id} in client mode (others cannot join through it)", flush=True)
+    elif maddrs:
+        print(f"To join this swarm: --initial-peers {maddrs[0]}", flush=True)
+        if all(_is_loopback(m) for m in maddrs) and any(not _is_loopback(p) for p in args.initial_peers):
+            log.warning("this peer announces only loopback addresses but joins a remote swarm: remote peers "
+                        "cannot reach it; use --host-maddrs /ip4/0.0.0.0/tcp/PORT and/or --announce-maddrs")
+    return dht
+
+
+def setup_logging(verbose: bool) -> None:
+    level = "INFO" if verbose else "WARNING"
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", level)
+    os.environ.setdefault("GOLOG_LOG_LEVEL", "error")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, stream=sys.stdout)
+    log.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swarm_peer", description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    parser.add_argument("--stage", type=int, required=True, help="pipeline stage this peer hosts (0-based)")
+    add_network_args(parser)
+    parser.add_argument("--device", help="cpu | cuda | cuda:N (shorthand for --set run.device=...)")
+    parser.add_argument("--max-steps", "--max_steps", type=int, help="inner steps of stage-0 peers (run.max_steps)")
+    parser.add_argument("--summary-json", "--summary_json", help="write this peer's summary here at the end")
+    parser.add_argument("--data-shard", "--data_shard", default=None, metavar="K/N",
+                        help="stage 0: read shard K of N (default: the whole set in a peer-specific order)")
+    parser.add_argument("--save-weights", "--save_weights", help="save the final stage weights (torch.save) here")
+    parser.add_argument("--test-delay", "--test_delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    extra = [f"run.max_steps={args.max_steps}"] if args.max_steps is not None else []
+    extra += [f"run.device={args.device}"] if args.device else []
+    cfg = config_from_args(args, extra)
+    if not 0 <= args.stage < cfg.swarm.num_stages:
+        raise _fail(f"--stage {args.stage}: must be in 0..{cfg.swarm.num_stages - 1} (swarm.num_stages)")
+    if args.client_mode and args.stage != 0:
+        raise _fail(f"--client-mode: stage {args.stage} peers must accept connections from stage {args.stage - 1}")
+    check_network_args(args)
+    shard = (0, 1)
+    if args.data_shard is not None:
+        try:
+            k, n = (int(x) for x in args.data_shard.split("/"))
+            assert 0 <= k < n
+            shard = (k, n)
+        except (ValueError, AssertionError):
+            raise _fail(f"--data-shard {args.data_shard!r}: expected K/N with 0 <= K < N")
+    setup_logging(args.verbose)
+    try:
+        return run_peer(cfg, args, shard)
+    except ConfigError as e:
+        print(f"error: config: {e}", file=sys.stderr)
+        return 2
+
+
+def run_peer(cfg, args, shard: tuple[int, int]) -> int:
+    from swarm_peer.baseline import resolve_device
+    from swarm_peer.data import ShardSampler, load_corpus
+    from swarm_peer.records import local_public_key, make_validators
+    from swarm_peer.stage_worker import StageWorker
+    from swarm_peer.transport import LoopThread
+
+    device = resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    corpus = load_corpus(cfg) if args.stage == 0 else None  # before joining: a bad data source fails fast
+    validators = make_validators(args.run_id, cfg.swarm.num_stages)
+    dht = start_dht(args, validators)
+    loop = worker = None
+    try:
+        sampler = None
+        if corpus is not None:
+            # with an explicit shard all stage-0 peers split one permutation; otherwise each peer shuffles the
+            # whole set in its own order (seeded by its id), which needs no coordination
+            seed = cfg.run.seed if args.data_shard else cfg.run.seed + int.from_bytes(dht.peer_id.to_bytes()[-4:], "big")
+            sampler = ShardSampler(corpus.train, cfg.data.microbatch_size, seed, *shard)
+        loop = LoopThread()
+        p2p = loop.run(dht.replicate_p2p(), timeout=60)
+        worker = StageWorker(cfg, args.stage, dht, p2p, args.run_id, local_public_key(validators), device, sampler,
+                             client_mode=args.client_mode, test_delay=args.test_delay)
+        if args.stage != 0:
+            loop.run(worker.servicer().add_p2p_handlers(p2p, namespace=args.run_id), timeout=30)
+        print(f"[stage {args.stage}] peer {dht.peer_id} serving layers [{worker.spec.start}:{worker.spec.end}] of "
+              f"{cfg.model.num_layers}, run {args.run_id!r}", flush=True)
+
+        def on_signal(signum, _frame):
+            print(f"[stage {args.stage}] got signal {signum}; stopping", flush=True)
+            if worker.stop_event is not None:
+                loop.loop.call_soon_threadsafe(worker.stop_event.set)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        future = loop.submit(worker.main(cfg.run.max_steps))
+        while True:  # wait in slices so signal handlers run in the main thread
+            try:
+                future.result(timeout=0.5)
+                break
+            except TimeoutError:
+                continue
+        summary = worker.summary()
+        if args.summary_json:
+            Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.summary_json).write_text(json.dumps(summary, indent=1))
+        if args.save_weights:
+            torch.save({k: v.cpu() for k, v in worker.trainer.model.state_dict().items()}, args.save_weights)
+        print(f"[stage {args.stage}] done: {summary['inner_steps']} inner steps, {summary['samples']} samples, "
+              f"{summary['tokens_per_s']:,.0f} tok/s, weights {summary['final_weights_hash']}", flush=True)
+        return 0  # finished, or stopped by a signal (the summary says which)
+    finally:
+        if worker is not None:
+            worker.compute.stop()
+        if loop is not None:
+            loop.stop()
+        dht.shutdown()

@@ -1,0 +1,131 @@
+"""DHT records: every key swarm_peer stores, their pydantic (v1, as hivemind requires) schemas and validators.
+
+Keys (raw strings, `run_id` prefixed so several swarms share one DHT):
+  {run_id}_stage{i}   subkey = the announcing peer's RSA public key (so only that peer can write it),
+                      value  = StageRecord: who serves stage i, with which config, and how loaded it is.
+
+Every peer (the monitor and the CLI tools too) must run the same validators: `make_validators`.
+Records are refreshed every `swarm.announce_period` seconds and expire after `swarm.record_ttl`; a leaving peer
+overwrites its record with state "offline" (a DHT value cannot be deleted, only superseded by a later expiration).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import pydantic.v1 as pydantic
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+STATES = ("online", "finished", "offline")
+
+
+class StageRecord(pydantic.BaseModel):
+    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
+    stage: pydantic.conint(strict=True, ge=0, le=1024)
+    fingerprint: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")
+    config_summary: pydantic.constr(strict=True, max_length=200)  # human-readable, to name a mismatch
+    state: pydantic.constr(strict=True, regex="^(online|finished|offline)$")
+    client_mode: pydantic.StrictBool
+    queue: pydantic.conint(strict=True, ge=0, le=1_000_000)  # microbatches waiting for admission/compute
+    inflight: pydantic.conint(strict=True, ge=0, le=1_000_000)  # admitted, not yet finished
+    max_inflight: pydantic.conint(strict=True, ge=1, le=1_000_000)
+    throughput: pydantic.confloat(strict=True, ge=0.0, le=1e9)  # samples/s EMA of its own compute
+    inner_step: pydantic.conint(strict=True, ge=0)
+    samples: pydantic.conint(strict=True, ge=0)
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
+def stage_key(run_id: str, stage: int) -> str:
+    return f"{run_id}_stage{stage}"
+
+
+def make_validators(run_id: str, num_stages: int, private_key: Optional[RSAPrivateKey] = None) -> list:
+    """RSA signature validator (owner-only subkeys) + schema validator for this run's stage keys."""
+    if not RUN_ID_RE.match(run_id):
+        raise ValueError(f"run id {run_id!r}: use 1-64 letters, digits or '-'")
+    fields = {f"stage{i}": (Optional[Dict[BytesWithPublicKey, StageRecord]], None) for i in range(num_stages)}
+    schema = pydantic.create_model(f"SwarmSchema_{num_stages}", **fields)
+    return [RSASignatureValidator(private_key), SchemaValidator(schema, prefix=run_id)]
+
+
+def local_public_key(validators: list) -> bytes:
+    return next(v for v in validators if isinstance(v, RSASignatureValidator)).local_public_key
+
+
+@dataclass
+class PeerInfo:
+    """A live stage record as read back from the DHT."""
+    record: StageRecord
+    expires_at: float
+
+    @property
+    def peer_id(self) -> str:
+        return self.record.peer_id
+
+
+def store_stage_record(dht, run_id: str, record: StageRecord, subkey: bytes, ttl: float,
+                       expiration: Optional[float] = None, timeout: float = 10.0) -> bool:
+    expiration = expiration if expiration is not None else get_dht_time() + ttl
+    fut = dht.store(stage_key(run_id, record.stage), record.dict(), expiration_time=expiration, subkey=subkey,
+                    return_future=True)
+    return bool(fut.result(timeout=timeout))
+
+
+def read_stage_records(dht, run_id: str, stage: int, timeout: float = 5.0) -> list[PeerInfo]:
+    """All fresh, well-formed records of `stage` (any state; callers filter). Never raises on bad data."""
+    try:
+        found = dht.get(stage_key(run_id, stage), latest=True, return_future=True).result(timeout=timeout)
+    except Exception:
+        return []
+    if found is None or not isinstance(found.value, dict):
+        return []
+    now = get_dht_time()
+    peers = []
+    for entry in found.value.values():
+        try:
+            rec = StageRecord.parse_obj(entry.value)
+        except (pydantic.ValidationError, TypeError):
+            continue  # validators reject malformed stores; this guards against anything that slipped through
+        if entry.expiration_time > now and rec.stage == stage:
+            peers.append(PeerInfo(rec, entry.expiration_time))
+    return peers
+
+
+class Announcer:
+    """Keeps this peer's stage record fresh; `withdraw()` marks it offline for good."""
+
+    def __init__(self, dht, run_id: str, subkey: bytes, ttl: float):
+        self.dht, self.run_id, self.subkey, self.ttl = dht, run_id, subkey, ttl
+        self.last_expiration = 0.0
+
+    def publish(self, record: StageRecord) -> bool:
+        # strictly increasing expirations: a newer record always supersedes an older one
+        expiration = max(get_dht_time() + self.ttl, self.last_expiration + 1e-3)
+        ok = store_stage_record(self.dht, self.run_id, record, self.subkey, self.ttl, expiration)
+        if ok:
+            self.last_expiration = expiration
+        return ok
+
+    def withdraw(self, record: StageRecord) -> bool:
+        offline = record.copy(update={"state": "offline", "queue": 0, "inflight": 0})
+        try:
+            return self.publish(offline)
+        except Exception:
+            return False
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

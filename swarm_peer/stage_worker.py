@@ -1,0 +1,344 @@
+"""A stage peer at work: serve rpc_forward, drive training (stage 0), route downstream, announce itself.
+
+Flow of one microbatch (one RPC per hop carries activations forward and gradients back in its reply):
+
+    stage 0  : next microbatch from its data shard -> forward -> call_forward(stage-1 peer) ... -> backward
+    stage i  : rpc_forward(hidden, labels) -> forward -> call_forward(stage-(i+1) peer) -> backward -> reply grad
+    last     : rpc_forward(hidden, labels) -> forward, loss, backward                    -> reply grad + loss
+
+Each hop picks its next peer with the Router (stochastic wiring) and retries elsewhere on failure, so a dead peer
+costs a retry of one hop, not of the whole microbatch. All of this runs on one asyncio loop; torch work goes to the
+compute thread (compute.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import defaultdict
+
+import torch
+
+from swarm_peer.compute import BACKWARD, FORWARD, STEP, ComputeThread, GradientWindow, StageTrainer
+from swarm_peer.config import Config
+from swarm_peer.data import Microbatch, ShardSampler
+from swarm_peer.model import stage_fingerprint, stage_spec
+from swarm_peer.records import Announcer, StageRecord, read_stage_records
+from swarm_peer.routing import Candidate, Router
+from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
+
+log = logging.getLogger("swarm_peer")
+MAX_HOP_ATTEMPTS = 50  # per microbatch per hop; bounded so nothing retries forever
+
+
+def config_summary(cfg: Config, stage: int) -> str:
+    spec = stage_spec(cfg, stage)
+    m = cfg.model
+    return (f"{m.name_or_path or m.family} h{m.hidden_size} L{m.num_layers} v{m.vocab_size} "
+            f"layers[{spec.start}:{spec.end}] of {cfg.swarm.num_stages} stages, seq {cfg.data.seq_len}")[:200]
+
+
+class StageWorker:
+    def __init__(self, cfg: Config, stage: int, dht, p2p, run_id: str, subkey: bytes, device: torch.device,
+                 sampler: ShardSampler | None = None, client_mode: bool = False, test_delay: float = 0.0):
+        self.cfg, self.stage, self.dht, self.p2p, self.run_id = cfg, stage, dht, p2p, run_id
+        self.spec = stage_spec(cfg, stage)
+        self.trainer = StageTrainer(cfg, stage, device, test_delay)
+        self.compute = ComputeThread()
+        self.sampler = sampler
+        self.client_mode = client_mode
+        self.peer_id = str(dht.peer_id)
+        self.fingerprint = stage_fingerprint(cfg, stage)
+        self.next_fingerprint = stage_fingerprint(cfg, stage + 1) if not self.spec.is_last else None
+        self.announcer = Announcer(dht, run_id, subkey, cfg.swarm.record_ttl)
+        self.router = Router(cfg.data.microbatch_size, max_timeout=cfg.swarm.request_timeout)
+        self.window: GradientWindow | None = None  # created on the loop
+        self.state = "online"
+        self.stop_event: asyncio.Event | None = None
+        self.warned_peers: set[str] = set()
+        self.seen_upstream = False
+        self.upstream_online = 0
+        self.stats = defaultdict(int)
+        self.loss_curve: list[list[float]] = []  # [inner step, mean loss of the microbatches of that step]
+        self._step_losses: list[float] = []
+        self.started = time.monotonic()
+        self._last_wait_log = 0.0
+
+    # ------------------------------------------------------------------------------------------ record
+    def record(self) -> StageRecord:
+        w = self.window
+        return StageRecord(
+            peer_id=self.peer_id, stage=self.stage, fingerprint=self.fingerprint,
+            config_summary=config_summary(self.cfg, self.stage), state=self.state, client_mode=self.client_mode,
+            queue=(w.waiting if w else 0) + self.compute.pending(), inflight=w.pending if w else 0,
+            max_inflight=self.cfg.swarm.max_inflight, throughput=float(self.trainer.throughput),
+            inner_step=self.trainer.inner_step, samples=self.trainer.samples_stepped)
+
+    async def _in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def announce_loop(self) -> None:
+        while self.state == "online":
+            try:
+                await self._in_thread(self.announcer.publish, self.record())
+            except Exception as e:
+                log.warning(f"could not announce stage {self.stage}: {e}")
+            await asyncio.sleep(self.cfg.swarm.announce_period)
+
+    async def discover_loop(self) -> None:
+        """Refresh the next stage's candidates (routing) and the previous stage's liveness (end of run)."""
+        while self.state == "online":
+            if not self.spec.is_last:
+                peers = await self._in_thread(read_stage_records, self.dht, self.run_id, self.stage + 1)
+                self.router.update([self._candidate(p.record) for p in peers if self._usable(p.record)])
+            if not self.spec.is_first:
+                peers = await self._in_thread(read_stage_records, self.dht, self.run_id, self.stage - 1)
+                self.upstream_online = sum(p.record.state == "online" for p in peers)
+                self.seen_upstream |= self.upstream_online > 0
+            await asyncio.sleep(min(1.0, self.cfg.swarm.announce_period))
+
+    def _usable(self, rec: StageRecord) -> bool:
+        if rec.state != "online" or rec.client_mode:
+            return False
+        if rec.fingerprint != self.next_fingerprint:
+            if rec.peer_id not in self.warned_peers:
+                self.warned_peers.add(rec.peer_id)
+                log.warning(f"ignoring stage {rec.stage} peer {rec.peer_id[-8:]}: config fingerprint mismatch "
+                            f"(theirs: {rec.config_summary}; ours: {config_summary(self.cfg, rec.stage)})")
+            return False
+        return True
+
+    @staticmethod
+    def _candidate(rec: StageRecord) -> Candidate:
+        return Candidate(rec.peer_id, rec.queue, rec.inflight, rec.max_inflight, rec.throughput)
+
+    # -------------------------------------------------------------------------------------- downstream
+    async def send_downstream(self, meta: dict, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Send one microbatch to a next-stage peer chosen by the router; retry elsewhere until one answers."""
+        from hivemind.p2p import PeerID
+
+        tensors = [hidden.detach().to("cpu"), labels.to("cpu", torch.int32)]
+        failures, busy_wait = 0, 0.02
+        deadline = time.monotonic() + 10 * self.cfg.swarm.request_timeout
+        while failures < MAX_HOP_ATTEMPTS and time.monotonic() < deadline:
+            if self.stop_event.is_set():
+                raise RuntimeError("peer is shutting down")
+            peer = self.router.choose()
+            if peer is None:
+                now = time.monotonic()
+                if now - self._last_wait_log > 10:
+                    log.warning(f"stage {self.stage + 1} has no live peers; waiting")
+                    self._last_wait_log = now
+                await asyncio.sleep(0.5)
+                continue
+            self.router.started(peer)
+            t0 = time.monotonic()
+            try:
+                reply, out = await call_forward(self.p2p, PeerID.from_base58(peer), meta, tensors,
+                                                self.cfg.swarm.compression.forward, self.router.timeout(peer),
+                                                namespace=self.run_id)
+                if len(out) != 1 or out[0].shape != hidden.shape or not out[0].is_floating_point():
+                    raise RemoteError(f"malformed gradient reply {[tuple(t.shape) for t in out]}")
+            except RemoteError as e:
+                busy = str(e).startswith("busy")
+                self.router.failed(peer, ban=not busy)
+                if busy:  # backpressure, not a fault: back off a little and draw again
+                    self.stats["busy_replies"] += 1
+                    await asyncio.sleep(busy_wait)
+                    busy_wait = min(0.5, busy_wait * 1.5)
+                    continue
+                failures += 1
+                self.stats["retries"] += 1
+                log.warning(f"stage {self.stage + 1} peer {peer[-8:]} rejected microbatch: {e}")
+                continue
+            except TransportError as e:
+                ban = self.router.failed(peer)
+                failures += 1
+                self.stats["retries"] += 1
+                log.warning(f"stage {self.stage + 1} peer {peer[-8:]} failed ({e}); banned {ban:.0f}s, rerouting")
+                continue
+            self.router.succeeded(peer, time.monotonic() - t0)
+            return reply, out[0]
+        raise RuntimeError(f"no stage {self.stage + 1} peer took the microbatch ({failures} failures)")
+
+    # ----------------------------------------------------------------------------------------- serving
+    def _validate(self, meta: dict, tensors: list) -> tuple[int, torch.Tensor, torch.Tensor]:
+        if not isinstance(meta, dict) or not isinstance(meta.get("mb"), str) or len(meta["mb"]) > 64:
+            raise ValueError("metadata needs a microbatch id 'mb' (str, <= 64 chars)")
+        if len(tensors) != 2:
+            raise ValueError(f"expected [hidden, labels], got {len(tensors)} tensors")
+        hidden, labels = tensors
+        n, seq, hid = self.cfg.data.microbatch_size, self.cfg.data.seq_len, self.trainer.model.hf.hidden_size
+        if not hidden.is_floating_point() or hidden.ndim != 3 or not (1 <= hidden.shape[0] <= n) \
+                or tuple(hidden.shape[1:]) != (seq, hid):
+            raise ValueError(f"hidden must be float [<= {n}, {seq}, {hid}], got {hidden.dtype} {tuple(hidden.shape)}")
+        if labels.is_floating_point() or tuple(labels.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"labels must be integer {tuple(hidden.shape[:2])}, got {labels.dtype} {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.trainer.model.hf.vocab_size):
+            raise ValueError("labels out of vocabulary range")
+        if not torch.isfinite(hidden).all():
+            raise ValueError("non-finite activations")
+        return hidden.shape[0], hidden.float() if hidden.dtype != torch.float32 else hidden, labels.long()
+
+    async def handle(self, meta: dict, tensors: list, remote) -> tuple[dict, list]:
+        if self.state != "online":
+            raise RuntimeError(f"busy: peer is {self.state}")
+        samples, hidden, labels = self._validate(meta, tensors)
+        if self.window.waiting + self.window.pending >= 2 * self.cfg.swarm.max_inflight:
+            raise RuntimeError("busy: queue full")  # backpressure: the sender reroutes
+        if meta.get("eval"):
+            return await self._handle_eval(meta, hidden, labels)
+        await self.window.admit(samples)
+        ok = False
+        try:
+            if self.spec.is_last:
+                grad, loss = await self.compute.run(BACKWARD, lambda: self.trainer.forward_backward_last(
+                    hidden, labels, samples))
+                self._step_losses.append(loss)
+                reply = {"loss": loss}
+            else:
+                pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(hidden))
+                reply, grad_out = await self.send_downstream(meta, pending.outputs, labels)
+                grad = await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out))
+            ok = True
+            self.stats["microbatches"] += 1
+            return {k: v for k, v in reply.items() if k == "loss"}, [grad.to("cpu")]
+        finally:
+            self.window.finish(samples, ok)
+
+    async def _handle_eval(self, meta: dict, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[dict, list]:
+        if self.spec.is_last:
+            return {"loss": await self.compute.run(FORWARD, lambda: self.trainer.evaluate_last(hidden, labels))}, []
+        out = await self.compute.run(FORWARD, lambda: self.trainer.forward_no_grad(hidden))
+        reply, _ = await self.send_downstream(meta, out, labels)
+        return reply, []
+
+    # ----------------------------------------------------------------------------------------- driving
+    async def stepper(self) -> None:
+        """Step whenever the window is closed and drained, then reopen it."""
+        while True:
+            completed = await self.window.wait_full()
+            try:
+                await self.compute.run(STEP, lambda: self.trainer.step(completed))
+            except ValueError as e:
+                log.warning(f"stage {self.stage}: {e}")
+            if self._step_losses:
+                self.loss_curve.append([self.trainer.inner_step, sum(self._step_losses) / len(self._step_losses)])
+                self._step_losses = []
+            self.window.reopen()
+
+    async def _drive_one(self, index: int, mb: Microbatch, sem: asyncio.Semaphore) -> None:
+        samples = mb.input_ids.shape[0]
+        ok = False
+        try:
+            pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(mb.input_ids))
+            meta = {"mb": f"{self.peer_id[-12:]}:{index}", "n": samples}
+            reply, grad_out = await self.send_downstream(meta, pending.outputs, mb.labels)
+            await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out))
+            if isinstance(reply.get("loss"), float) and math.isfinite(reply["loss"]):
+                self._step_losses.append(reply["loss"])
+            ok = True
+            self.stats["microbatches"] += 1
+        except Exception as e:
+            self.stats["lost_microbatches"] += 1
+            log.warning(f"stage 0: microbatch {index} lost: {e}")
+        finally:
+            self.window.finish(samples, ok)
+            sem.release()
+
+    async def drive(self, max_steps: int) -> None:
+        """Stage 0: feed microbatches until `max_steps` inner steps are done."""
+        sem = asyncio.Semaphore(self.cfg.swarm.max_inflight)
+        index, tasks = 0, set()
+        while self.trainer.inner_step < max_steps and not self.stop_event.is_set():
+            await sem.acquire()
+            await self.window.admit(self.cfg.data.microbatch_size)
+            if self.trainer.inner_step >= max_steps:  # the window that just closed was the last one
+                self.window.finish(self.cfg.data.microbatch_size, False)
+                sem.release()
+                break
+            mb = self.sampler.next()
+            task = asyncio.create_task(self._drive_one(index, mb, sem))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            index += 1
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def serve_until_upstream_done(self, idle_grace: float = 1.0) -> None:
+        """Non-first stages: serve until the previous stage has been seen and has no online peer left."""
+        idle_since = None
+        while not self.stop_event.is_set():
+            await asyncio.sleep(0.25)
+            done = self.seen_upstream and self.upstream_online == 0
+            busy = self.window.pending or self.window.waiting
+            if done and not busy:
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since >= idle_grace:
+                    break
+            else:
+                idle_since = None
+        if self.window.close_partial():  # step what was accumulated: it is real gradient on real data
+            await asyncio.sleep(0.1)
+
+    def servicer(self) -> StageServicer:
+        return StageServicer(self.handle, reply_codec=self.cfg.swarm.compression.backward,
+                             request_timeout=self.cfg.swarm.request_timeout)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    async def progress_loop(self, every: float = 5.0) -> None:
+        last_t, last_samples = time.monotonic(), 0
+        while True:
+            await asyncio.sleep(every)
+            now, samples = time.monotonic(), self.trainer.samples_stepped
+            rate = (samples - last_samples) * self.cfg.data.seq_len / max(now - last_t, 1e-6)
+            loss = f" | loss {self.loss_curve[-1][1]:.4f}" if self.loss_curve else ""
+            nxt = "" if self.spec.is_last else f" | next-stage peers {len(self.router.live())}"
+            print(f"[stage {self.stage}] step {self.trainer.inner_step}{loss} | {rate:,.0f} tok/s | "
+                  f"microbatches {self.stats['microbatches']}{nxt}", flush=True)
+            last_t, last_samples = now, samples
+
+    async def main(self, max_steps: int) -> None:
+        self.stop_event = asyncio.Event()
+        self.window = GradientWindow(self.cfg.data.batch_size)
+        background = [asyncio.create_task(c) for c in (self.announce_loop(), self.discover_loop(), self.stepper(),
+                                                        self.progress_loop())]
+        self.started = time.monotonic()
+        try:
+            if self.spec.is_first:
+                await self.drive(max_steps)
+            else:
+                await self.serve_until_upstream_done()
+                for _ in range(600):  # let the stepper apply a partial last window (bounded: 60 s)
+                    if self.window.admitted == 0:
+                        break
+                    await asyncio.sleep(0.1)
+        finally:
+            self.wall = time.monotonic() - self.started
+            self.state = "offline" if self.stop_event.is_set() else "finished"
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            try:
+                await asyncio.wait_for(self._in_thread(self.announcer.publish, self.record()), 10)
+            except Exception as e:
+                log.warning(f"could not publish final record: {e}")
+
+    def summary(self) -> dict:
+        from swarm_peer.transport import STATS
+
+        tokens = self.trainer.samples_stepped * self.cfg.data.seq_len
+        wall = getattr(self, "wall", time.monotonic() - self.started)
+        return {
+            "kind": "peer", "stage": self.stage, "num_stages": self.spec.num_stages, "peer_id": self.peer_id,
+            "layers": [self.spec.start, self.spec.end], "state": self.state,
+            "inner_steps": self.trainer.inner_step, "samples": self.trainer.samples_stepped, "tokens": tokens,
+            "microbatches": self.stats["microbatches"], "lost_microbatches": self.stats["lost_microbatches"],
+            "retries": self.stats["retries"], "busy_replies": self.stats["busy_replies"],
+            "loss_curve": self.loss_curve, "tokens_per_s": tokens / max(wall, 1e-6), "wall_time_s": wall,
+            "compute_time_s": self.trainer.compute_seconds,
+            "forwarded_to": self.router.sent_counts(), "transport": STATS.snapshot(),
+            "final_weights_hash": self.trainer.weights_hash(), "fingerprint": self.fingerprint,
+            "config": self.cfg.model_dump(mode="json"),
+        }
