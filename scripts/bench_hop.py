@@ -80,14 +80,17 @@ def serve(chunk_sizes: list[int]) -> None:
         dht.shutdown()
 
 
-def _timed(fn, seconds: float, max_iters: int) -> list[float]:
-    for _ in range(2):
-        fn()  # warm-up: connection, allocator
-    times, deadline = [], time.perf_counter() + seconds
-    while len(times) < max_iters and time.perf_counter() < deadline:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+def _interleaved(cases: dict, seconds: float, max_iters: int) -> dict:
+    """Time one hop of each case in turn (round-robin), so every case sees the same background load."""
+    for fn in cases.values():
+        fn(), fn()  # warm-up: connection, allocator
+    times = {name: [] for name in cases}
+    deadline = time.perf_counter() + seconds * len(cases)
+    while time.perf_counter() < deadline and min(map(len, times.values())) < max_iters:
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -105,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="4x128x192,8x512x768")
     parser.add_argument("--codecs", default=",".join(CODECS))
-    parser.add_argument("--seconds", type=float, default=3.0, help="per case (after 2 warm-up hops)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per case; cases run interleaved, one hop each in turn")
     parser.add_argument("--max-iters", type=int, default=500)
     parser.add_argument("--chunk-bytes", type=int, default=None, help="default: transport.CHUNK_BYTES")
     parser.add_argument("--chunk-sweep", default="", help="comma-separated chunk sizes, codec none, biggest shape")
@@ -121,7 +124,6 @@ def main() -> None:
 
     from swarm_peer.transport import CHUNK_BYTES, STATS, LoopThread, call_forward
 
-    torch.set_num_threads(1)
     chunk = args.chunk_bytes or CHUNK_BYTES
     sweep = [int(c) for c in args.chunk_sweep.split(",") if c]
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
@@ -143,8 +145,6 @@ def main() -> None:
             loop.run(call_forward(p2p, peer, {"step": 0}, [x], codec, 60.0, f"bench-{codec}-{chunk_bytes}",
                                   chunk_bytes=chunk_bytes), 65)
 
-        cases = [(shape, codec, chunk) for shape in shapes for codec in args.codecs.split(",")]
-        cases += [(shapes[-1], "none", c) for c in sweep if c != chunk]
         for shape in shapes:
             x = torch.randn(shape)
             payload, reply = memoryview(x.numpy()).cast("B"), bytearray(x.numel() * 4)
@@ -154,20 +154,24 @@ def main() -> None:
                 tcp.sendall(payload)
                 _recv_exactly(tcp, memoryview(reply))
 
-            rows.append(_row("raw TCP", shape, "fp32", _timed(raw_hop, args.seconds, args.max_iters), x.numel() * 4))
-            tcp_rate = rows[-1]["tensors_per_s"]
-            rows[-1]["ratio_to_tcp"] = 1.0
-            for case_shape, codec, chunk_bytes in cases:
-                if case_shape != shape:
-                    continue
+            cases = {("raw TCP", "fp32", None): raw_hop}
+            for codec in args.codecs.split(","):
+                cases[("call_forward", codec, chunk)] = lambda codec=codec: hop(x, codec, chunk)
+            if shape == shapes[-1]:
+                for c in sweep:
+                    if c != chunk:
+                        cases[(f"call_forward chunk={c >> 10}KiB", "none", c)] = lambda c=c: hop(x, "none", c)
+            wire = {}
+            for key, fn in cases.items():  # payload bytes of one hop, both ways
                 before = STATS.snapshot()
-                times = _timed(lambda: hop(x, codec, chunk_bytes), args.seconds, args.max_iters)
-                after = STATS.snapshot()
-                wire = (after["bytes_sent"] + after["bytes_received"] - before["bytes_sent"] - before["bytes_received"])
-                name = "call_forward" + (f" chunk={chunk_bytes >> 10}KiB" if chunk_bytes != chunk else "")
-                rows.append(_row(name, shape, codec, times, x.numel() * 4, wire / (len(times) + 2)))
-                rows[-1]["ratio_to_tcp"] = rows[-1]["tensors_per_s"] / tcp_rate
-                print(f"  {name} {rows[-1]['shape']} {codec}: {rows[-1]['tensors_per_s']:.1f}/s", file=sys.stderr)
+                fn()
+                wire[key] = sum(STATS.snapshot()[k] - before[k] for k in ("bytes_sent", "bytes_received"))
+            times = _interleaved(cases, args.seconds, args.max_iters)
+            tcp_times = times[("raw TCP", "fp32", None)]
+            for key, t in times.items():
+                rows.append(_row(key[0], shape, key[1], t, x.numel() * 4, wire[key] if key[2] else None))
+                rows[-1]["ratio_to_tcp"] = rows[-1]["tensors_per_s"] * sum(tcp_times) / len(tcp_times)
+                print(f"  {key[0]} {rows[-1]['shape']} {key[1]}: {rows[-1]['tensors_per_s']:.1f}/s", file=sys.stderr)
         tcp.close()
     finally:
         if loop is not None:

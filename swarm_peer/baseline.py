@@ -38,7 +38,8 @@ def evaluate(model: StageModel, corpus: Corpus, cfg: Config, device: torch.devic
     return sum(losses) / len(losses)
 
 
-def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: bool = False) -> dict:
+def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: bool = False,
+          save_weights: str | None = None) -> dict:
     torch.manual_seed(cfg.run.seed)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -113,6 +114,8 @@ def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: b
         "initial_weights_hash": init_hash,
         "final_weights_hash": weights_hash(model),
     }
+    if save_weights:
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, save_weights)
     if summary_path:
         Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
         Path(summary_path).write_text(json.dumps(summary, indent=1))
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", "--max_steps", type=int, help="shorthand for --set run.max_steps=N")
     parser.add_argument("--device", help="shorthand for --set run.device=...")
     parser.add_argument("--summary-json", "--summary_json", help="write the JSON summary here")
+    parser.add_argument("--save-weights", "--save_weights", help="save the final weights (torch.save) here")
     parser.add_argument("--wandb-project", "--wandb_project", help="log to this W&B project (offline without a key)")
     parser.add_argument("--wandb-entity", "--wandb_entity")
     parser.add_argument("--wandb-run-name", "--wandb_run_name")
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             wandb_run = open_run(project, args.wandb_entity or cfg.run.wandb_entity,
                                  args.wandb_run_name or cfg.run.wandb_run_name or "baseline",
                                  cfg.model_dump(mode="json"), job_type="baseline")
-        train(cfg, args.summary_json, wandb_run)
+        train(cfg, args.summary_json, wandb_run, save_weights=args.save_weights)
     except ConfigError as e:
         print(f"error: config: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "test-run"
 SERVER_MAX_BYTES = 24 << 20  # the 20 MiB payload fits, 32 MiB does not
 CODECS = ("none", "fp16", "bf16", "8bit")
+REQUEST_TIMEOUT = 3.0  # servers give up on a request stream that stalls this long
 
 
 # ------------------------------------------------------------------------------------------------- server process
@@ -51,7 +52,7 @@ def _serve() -> None:
     try:
         p2p = loop.run(dht.replicate_p2p(), 30)
         for codec in CODECS:  # one namespace per reply codec
-            servicer = StageServicer(handler, codec, max_request_bytes=SERVER_MAX_BYTES, request_timeout=10)
+            servicer = StageServicer(handler, codec, max_request_bytes=SERVER_MAX_BYTES, request_timeout=REQUEST_TIMEOUT)
             loop.run(servicer.add_p2p_handlers(p2p, namespace=f"{NAMESPACE}-{codec}"), 30)
         print(json.dumps({"peer_id": str(dht.peer_id), "maddrs": [str(m) for m in dht.get_visible_maddrs()]}),
               flush=True)
@@ -132,8 +133,8 @@ def _call(client, server, metadata, tensors, codec="none", timeout=10.0, reply_c
     return loop.run(coro, timeout + 5)
 
 
-def _raw_call(client, server, messages, timeout=10.0):
-    """Send hand-made request messages; return the reply metadata (error replies carry {"error": ...})."""
+def _raw_call(client, server, messages, timeout=10.0, stall: float = 0):
+    """Send hand-made request messages (then stall, if asked); return the reply metadata ({"error": ...})."""
     from hivemind.proto import runtime_pb2
 
     from swarm_peer.transport import STATS, Limits, StageServicer, _receive
@@ -144,6 +145,7 @@ def _raw_call(client, server, messages, timeout=10.0):
         async def requests():
             for message in messages:
                 yield message
+            await asyncio.sleep(stall)
 
         name = StageServicer._get_handle_name(f"{NAMESPACE}-none", "rpc_forward")
         responses = await p2p.iterate_protobuf_handler(_peer(server), name, requests(), runtime_pb2.ExpertResponse)
@@ -258,6 +260,19 @@ def test_malformed_requests_get_error_replies(client, servers):
     for expected, messages in cases.items():
         reply = _raw_call(client, servers[0], messages)
         assert expected in reply.get("error", ""), (expected, reply)
+    _assert_alive(client, servers[0])
+
+
+def test_stalled_request_gets_error_reply(client, servers):
+    from hivemind.proto import runtime_pb2
+
+    from swarm_peer.transport import _encode
+
+    messages = _encode({}, [torch.randn(3 << 18)], "none", 1 << 20, runtime_pb2.ExpertRequest)
+    start = time.perf_counter()
+    reply = _raw_call(client, servers[0], [messages[0][0]], stall=60, timeout=REQUEST_TIMEOUT + 5)
+    assert "not complete within" in reply["error"]
+    assert REQUEST_TIMEOUT - 0.5 < time.perf_counter() - start < REQUEST_TIMEOUT + 3
     _assert_alive(client, servers[0])
 
 

@@ -1,0 +1,99 @@
+"""Start real peers as separate OS processes on loopback, and always clean them up (p2pd included)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import PYTHON, ROOT
+
+# a small, fast model: every multi-process test uses it unless it says otherwise
+FAST = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=4", "model.max_position_embeddings=64",
+        "data.seq_len=32", "data.batch_size=8", "data.microbatch_size=2", "data.max_tokens=200000",
+        "run.threads=1", "optim.inner.warmup_steps=2", "swarm.announce_period=0.5", "swarm.record_ttl=6"]
+
+
+def group_pids(pgid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+class Swarm:
+    """Peers of one run. Each peer gets its own session (process group): its DHT process and p2pd are in it."""
+
+    def __init__(self, tmp: Path, run_id: str, overrides: list[str], cache_dir: str):
+        self.tmp, self.run_id = tmp, run_id
+        self.overrides = [*FAST, f"data.cache_dir={cache_dir}", *overrides]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.bootstrap: str | None = None
+
+    def start(self, name: str, stage: int, *extra: str) -> subprocess.Popen:
+        args = [PYTHON, "-m", "swarm_peer", "--stage", str(stage), "--run-id", self.run_id,
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(self.tmp / f"{name}.maddrs"),
+                "--summary-json", str(self.tmp / f"{name}.json")]
+        for o in self.overrides:
+            args += ["--set", o]
+        if self.bootstrap:
+            args += ["--initial-peers", self.bootstrap]
+        args += list(extra)
+        log = open(self.tmp / f"{name}.log", "w")
+        env = {**os.environ, "HIVEMIND_LOGLEVEL": "WARNING"}
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+        self.procs[name] = proc
+        return proc
+
+    def wait_ready(self, name: str, timeout: float = 90) -> str:
+        path = self.tmp / f"{name}.maddrs"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists() and path.read_text().strip():
+                maddr = path.read_text().split()[0]
+                self.bootstrap = self.bootstrap or maddr
+                return maddr
+            if self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} died at startup:\n{self.log(name)[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"{name} not ready after {timeout}s:\n{self.log(name)[-3000:]}")
+
+    def wait_exit(self, name: str, timeout: float) -> int:
+        try:
+            return self.procs[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running after {timeout}s:\n{self.log(name)[-3000:]}")
+
+    def kill(self, name: str) -> None:
+        """kill -9 the peer and its whole group (its DHT process and p2pd die with it, as on a crashed host)."""
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(10)
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def summary(self, name: str) -> dict:
+        import json
+
+        return json.loads((self.tmp / f"{name}.json").read_text())
+
+    def cleanup(self) -> list[int]:
+        """Stop everything; returns PIDs that survived (should be none)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        leftovers = []
+        for proc in self.procs.values():
+            for pid in group_pids(proc.pid):
+                leftovers.append(pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return leftovers

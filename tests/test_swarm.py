@@ -1,0 +1,142 @@
+"""The peer-to-peer pipeline with real hivemind DHT/P2P, every peer a separate OS process on loopback."""
+import subprocess
+
+import pytest
+import torch
+
+from swarm_peer.config import load_config
+from swarm_peer.model import stage_layer_ranges
+from tests.conftest import PYTHON, ROOT
+from tests.swarm_harness import FAST, Swarm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def swarm_factory(tmp_path, cache_dir):
+    swarms = []
+
+    def make(run_id, overrides=()):
+        s = Swarm(tmp_path, run_id, list(overrides), cache_dir)
+        swarms.append(s)
+        return s
+
+    yield make
+    for s in swarms:
+        leftovers = s.cleanup()
+        assert not leftovers, f"processes outlived their peers: {leftovers}"
+
+
+def _baseline(tmp_path, cache_dir, overrides, steps):
+    weights = tmp_path / "baseline.pt"
+    args = [PYTHON, "-m", "swarm_peer.baseline", "--max-steps", str(steps), "--save-weights", str(weights),
+            "--summary-json", str(tmp_path / "baseline.json")]
+    for o in [*FAST, f"data.cache_dir={cache_dir}", *overrides]:
+        args += ["--set", o]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    return torch.load(weights), json.loads((tmp_path / "baseline.json").read_text())
+
+
+def _stage_view(full: dict, start: int, end: int, first: bool, last: bool) -> dict:
+    """The baseline's parameters named as stage [start, end) names them."""
+    out = {}
+    for k, v in full.items():
+        if k.startswith("blocks."):
+            idx, rest = k.split(".", 2)[1:]
+            if start <= int(idx) < end:
+                out[f"blocks.{int(idx) - start}.{rest}"] = v
+        elif (k.startswith("embed") and first) or (k.startswith(("norm", "lm_head")) and last):
+            out[k] = v
+    return out
+
+
+def _run_pipeline(swarm, stages, steps, extra=()):
+    # every peer gets the same max_steps: it sets the length of each peer's own lr schedule
+    swarm.start(f"s{stages - 1}", stages - 1, "--save-weights", str(swarm.tmp / f"s{stages - 1}.pt"),
+                "--max-steps", str(steps))
+    swarm.wait_ready(f"s{stages - 1}")
+    for st in range(stages - 2, -1, -1):
+        more = ["--data-shard", "0/1", "--max-steps", str(steps)] if st == 0 else ["--max-steps", str(steps)]
+        swarm.start(f"s{st}", st, "--save-weights", str(swarm.tmp / f"s{st}.pt"), *more, *extra)
+        swarm.wait_ready(f"s{st}")
+    for st in range(stages):
+        assert swarm.wait_exit(f"s{st}", 240) == 0, swarm.log(f"s{st}")[-3000:]
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_one_peer_per_stage_matches_single_process_baseline(swarm_factory, tmp_path, cache_dir, stages):
+    over = [f"swarm.num_stages={stages}", "swarm.max_inflight=1", "model.num_layers=6"]
+    steps = 4
+    swarm = swarm_factory(f"exact{stages}", over)
+    _run_pipeline(swarm, stages, steps)
+    full, base = _baseline(tmp_path, cache_dir, over, steps)
+    cfg = load_config(None, [*FAST, *over])
+    for st, (a, b) in enumerate(stage_layer_ranges(cfg)):
+        got = torch.load(tmp_path / f"s{st}.pt")
+        want = _stage_view(full, a, b, st == 0, st == stages - 1)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=f"stage {st} {k}")
+    # the loss curve seen by stage 0 (from the last stage's replies) is the baseline's
+    curve = swarm.summary("s0")["loss_curve"]
+    assert [s for s, _ in curve] == list(range(1, steps + 1))
+    for (_, got), (_, want) in zip(curve, base["train_loss"]):
+        assert abs(got - want) < 1e-5
+
+
+def test_pipelined_loss_curve_matches_baseline(swarm_factory, tmp_path, cache_dir):
+    over = ["swarm.num_stages=2", "swarm.max_inflight=4"]
+    steps = 6
+    swarm = swarm_factory("pipelined", over)
+    _run_pipeline(swarm, 2, steps)
+    _, base = _baseline(tmp_path, cache_dir, over, steps)
+    for name in ("s0", "s1"):
+        curve = swarm.summary(name)["loss_curve"]
+        assert len(curve) == steps
+        for (_, got), (_, want) in zip(curve, base["train_loss"]):
+            assert abs(got - want) < 1e-4, (name, curve, base["train_loss"])
+
+
+def test_two_by_two_trains_and_wiring_avoids_slow_peer(swarm_factory):
+    swarm = swarm_factory("twobytwo", ["swarm.num_stages=2", "optim.inner.lr=3e-3"])
+    swarm.start("s1p0", 1)
+    swarm.wait_ready("s1p0")
+    swarm.start("s1p1", 1, "--test-delay", "0.25")  # test-only: a slower stage-1 peer
+    swarm.wait_ready("s1p1")
+    for p in range(2):
+        swarm.start(f"s0p{p}", 0, "--data-shard", f"{p}/2", "--max-steps", "25")
+    for name in ("s0p0", "s0p1", "s1p0", "s1p1"):
+        assert swarm.wait_exit(name, 400) == 0, swarm.log(name)[-3000:]
+    summaries = {n: swarm.summary(n) for n in ("s0p0", "s0p1", "s1p0", "s1p1")}
+    assert all(s["microbatches"] > 0 for s in summaries.values())
+    assert all(s["inner_steps"] == 25 for n, s in summaries.items() if n.startswith("s0"))
+    fast_id, slow_id = summaries["s1p0"]["peer_id"], summaries["s1p1"]["peer_id"]
+    to_fast = sum(s["forwarded_to"].get(fast_id, 0) for n, s in summaries.items() if n.startswith("s0"))
+    to_slow = sum(s["forwarded_to"].get(slow_id, 0) for n, s in summaries.items() if n.startswith("s0"))
+    print(f"microbatches to fast peer {to_fast}, to slow peer {to_slow}")
+    assert to_fast > 2 * to_slow
+    for name in ("s1p0", "s0p0"):
+        curve = [loss for _, loss in summaries[name]["loss_curve"]]
+        assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.5, curve
+
+
+def test_killed_stage1_peer_is_rerouted_around(swarm_factory):
+    swarm = swarm_factory("killone", ["swarm.num_stages=2"])
+    swarm.start("s1p0", 1)
+    swarm.wait_ready("s1p0")
+    swarm.start("s1p1", 1)
+    swarm.wait_ready("s1p1")
+    swarm.start("s0", 0, "--max-steps", "30")
+    import time
+    deadline = time.monotonic() + 120
+    while "step" not in swarm.log("s1p1") or "microbatches 0" in swarm.log("s1p1").splitlines()[-1]:
+        assert time.monotonic() < deadline, swarm.log("s1p1")
+        time.sleep(0.2)
+    swarm.kill("s1p1")
+    assert swarm.wait_exit("s0", 300) == 0, swarm.log("s0")[-3000:]
+    assert swarm.wait_exit("s1p0", 60) == 0, swarm.log("s1p0")[-3000:]
+    s0 = swarm.summary("s0")
+    assert s0["inner_steps"] == 30
+    assert s0["forwarded_to"].get(swarm.summary("s1p0")["peer_id"], 0) > 0
