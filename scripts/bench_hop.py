@@ -1,15 +1,19 @@
 """Benchmark one pipeline hop: call_forward sends an activation to a server in another process, which replies with a
-same-shaped tensor (like the gradient), per codec; baseline: raw loopback TCP moving the same fp32 bytes both ways.
+same-shaped tensor (like the gradient), per codec; baseline: raw loopback TCP moving the same fp32 bytes both ways
+(echo server in its own process).
 
-    .venv/bin/python scripts/bench_hop.py [--seconds 3] [--json out.json] [--chunk-sweep 262144,1048576,4194304]
+    .venv/bin/python scripts/bench_hop.py [--seconds 3] [--json out.json] [--chunk-sweep 65536,1048576]
 
-tensors/s = completed hops per second (one call in flight); MiB/s = fp32-equivalent payload both ways
-(2 x tensor bytes per hop); wire MiB/s = bytes actually on the wire (protobuf, both ways).
+tensors/s = completed hops per second (one call in flight; call_forward cases interleaved hop by hop, so they share
+the background load); MiB/s = fp32-equivalent payload both ways (2 x tensor bytes per hop); wire MiB/s = encoded
+payload (metadata + tensor buffers) both ways. Try OMP_NUM_THREADS=1 on small machines: torch's intra-op threads
+stall the small-tensor codec paths when processes share few cores.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -60,7 +64,8 @@ def serve(chunk_sizes: list[int]) -> None:
         return {}, tensors  # same shape back, like a gradient
 
     listener = socket.create_server(("127.0.0.1", 0))
-    threading.Thread(target=_tcp_echo_server, args=(listener,), daemon=True).start()
+    # its own process: a thread would wait for the GIL (5 ms switch interval) while the P2P side is busy
+    multiprocessing.get_context("fork").Process(target=_tcp_echo_server, args=(listener,), daemon=True).start()
     dht = hivemind.DHT(start=True)
     loop = LoopThread()
     stop = threading.Event()
@@ -108,10 +113,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="4x128x192,8x512x768")
     parser.add_argument("--codecs", default=",".join(CODECS))
-    parser.add_argument("--seconds", type=float, default=3.0, help="per case; cases run interleaved, one hop each in turn")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per case (interleaved)")
     parser.add_argument("--max-iters", type=int, default=500)
     parser.add_argument("--chunk-bytes", type=int, default=None, help="default: transport.CHUNK_BYTES")
-    parser.add_argument("--chunk-sweep", default="", help="comma-separated chunk sizes, codec none, biggest shape")
+    parser.add_argument("--chunk-sweep", default="", help="extra comma-separated chunk sizes to try (codec none)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,19 +159,20 @@ def main() -> None:
                 tcp.sendall(payload)
                 _recv_exactly(tcp, memoryview(reply))
 
-            cases = {("raw TCP", "fp32", None): raw_hop}
+            cases = {}
             for codec in args.codecs.split(","):
                 cases[("call_forward", codec, chunk)] = lambda codec=codec: hop(x, codec, chunk)
-            if shape == shapes[-1]:
-                for c in sweep:
-                    if c != chunk:
-                        cases[(f"call_forward chunk={c >> 10}KiB", "none", c)] = lambda c=c: hop(x, "none", c)
+            for c in sweep:
+                if c != chunk:
+                    cases[(f"call_forward chunk={c >> 10}KiB", "none", c)] = lambda c=c: hop(x, "none", c)
             wire = {}
             for key, fn in cases.items():  # payload bytes of one hop, both ways
                 before = STATS.snapshot()
                 fn()
                 wire[key] = sum(STATS.snapshot()[k] - before[k] for k in ("bytes_sent", "bytes_received"))
-            times = _interleaved(cases, args.seconds, args.max_iters)
+            # raw TCP alone (interleaved with P2P hops it would wait for the GIL behind our loop thread's cleanup)
+            times = {("raw TCP", "fp32", None): _interleaved({"tcp": raw_hop}, args.seconds, args.max_iters)["tcp"]}
+            times.update(_interleaved(cases, args.seconds, args.max_iters))
             tcp_times = times[("raw TCP", "fp32", None)]
             for key, t in times.items():
                 rows.append(_row(key[0], shape, key[1], t, x.numel() * 4, wire[key] if key[2] else None))

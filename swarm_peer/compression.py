@@ -1,19 +1,16 @@
-"""Wire codecs for activations/gradients ("none" | "fp16" | "bf16" | "8bit") and pseudo-gradients ("fp32" | "fp16" |
-"8bit"), on top of hivemind 1.1.12's runtime_pb2.Tensor. Pure functions: no validation of values (finiteness etc.).
+"""Wire codecs: activations/gradients "none" | "fp16" | "bf16" | "8bit", pseudo-gradients "fp32" | "fp16" | "8bit",
+as hivemind 1.1.12 runtime_pb2.Tensor messages. Pure functions: no checks on values (finiteness is the caller's).
 
-- Non-float tensors (token ids, labels, masks) always travel losslessly (NONE), whatever the codec.
-- "8bit" = UNIFORM_8BIT. Measured (relative L2 error, CPU, torch 2.13): hidden states of a 6-layer GPT-2 (random
-  init and after 200 training steps, kurtosis 2.4-3) uniform 0.007-0.019 vs quantile 0.011-0.029; their gradients
-  (kurtosis ~5) uniform 0.062 vs quantile 0.053; activations with 4 outlier channels (x20) 0.41 vs 0.56; pure heavy
-  tails (Student-t3 0.30 vs 0.26, GELU outputs 0.074 vs 0.029) favour quantile. Uniform clips at +-3 sigma (the edge
-  buckets hold the mean of what they clip), yet wins on the tensors we actually ship and is 4-10x faster to
-  encode (quantile runs np.quantile: ~350 ms vs ~80 ms for 3M values). Both decode with `deserialize`.
-- "bf16": cast to bfloat16 and ship the raw 2-byte payload with NONE. hivemind's NoCompression would *widen* bf16 to
-  fp32 (USE_LEGACY_BFLOAT16=1 is the default, read once at import), so we build the message ourselves; hivemind's
-  extract also accepts a 2-byte bf16 buffer whatever that variable says. dtype "bfloat16>float32" records the
-  original dtype so `deserialize` restores it (only our own decoder reads these messages).
-- "fp16" uses FLOAT16, which saturates at +-65504. 2-byte float inputs (fp16/bf16) are sent as they are under
-  "fp16"/"bf16"; tiny tensors (< 1024 values) are sent as NONE, where 8-bit's 1 KiB codebook would cost more.
+- Non-float tensors (token ids, labels, masks) always travel losslessly (NONE). Tensors < 1024 values go NONE too.
+- "8bit" = UNIFORM_8BIT (clips at +-3 sigma; the edge buckets hold the mean of what they clip). Relative L2 error,
+  uniform vs quantile: GPT-2 stage-boundary hidden states (kurtosis 2.4-3) 0.007-0.019 vs 0.011-0.029, their
+  gradients (kurtosis ~5) 0.062 vs 0.053, 4 outlier channels x20: 0.41 vs 0.56; only pure heavy tails favour
+  quantile (Student-t3 0.30 vs 0.26, GELU outputs 0.074 vs 0.029). Uniform also encodes 4-10x faster (quantile runs
+  np.quantile: ~350 vs ~80 ms for 3M values).
+- "bf16": cast, then send the raw 2-byte payload with NONE: hivemind's NoCompression would widen bf16 to fp32
+  (USE_LEGACY_BFLOAT16=1 by default, read at import), so we build the message; dtype "bfloat16>float32" records the
+  original dtype for `deserialize` (a native bf16 tensor keeps dtype "bfloat16", which stock hivemind decodes).
+- "fp16" = FLOAT16 (saturates at +-65504). 2-byte floats (fp16/bf16) are sent as they are under "fp16"/"bf16".
 """
 from __future__ import annotations
 
@@ -34,7 +31,8 @@ _TYPES = {"none": CompressionType.NONE, "fp32": CompressionType.NONE, "bf16": Co
           "fp16": CompressionType.FLOAT16, "8bit": CompressionType.UNIFORM_8BIT}
 _DTYPES = {name: getattr(torch, name) for name in (
     "float16", "bfloat16", "float32", "float64", "uint8", "int8", "int16", "int32", "int64", "bool")}
-_DECODABLE = (CompressionType.NONE, CompressionType.FLOAT16, CompressionType.UNIFORM_8BIT, CompressionType.QUANTILE_8BIT)
+_DECODABLE = (CompressionType.NONE, CompressionType.FLOAT16, CompressionType.UNIFORM_8BIT,
+              CompressionType.QUANTILE_8BIT)
 _BF16 = "bfloat16>"  # dtype prefix of a tensor cast to bf16 for the wire; the suffix is its original dtype
 _MIN_8BIT_NUMEL = 1024
 # torch 2.13 deprecates quantize_per_tensor, which UNIFORM_8BIT uses; it still works (pinned torch).
@@ -43,7 +41,8 @@ warnings.filterwarnings("ignore", message="torch.quantize_per_tensor", category=
 
 def _extract_8bit(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
     # hivemind's Quantization.extract does `int(np.frombuffer(buf, count=1, dtype=np.int64))`: int() of a 1-element
-    # *array*, an error since numpy 2.4 (deprecated since 1.25). Identical except for `[0]`, on any numpy.
+    # *array*, a TypeError since numpy 2.4 (deprecated since 1.25). Identical except for `[0]`, so it is installed on
+    # every numpy (one code path, the tested one). Processes forked after this import (the averager) inherit it.
     codebook_size = int(np.frombuffer(serialized_tensor.buffer, count=1, dtype=np.int64)[0])
     codebook = np.frombuffer(serialized_tensor.buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
     quantized = np.frombuffer(serialized_tensor.buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)

@@ -95,7 +95,8 @@ class StageWorker:
             if not self.spec.is_first:
                 peers = await self._in_thread(read_stage_records, self.dht, self.run_id, self.stage - 1)
                 self.upstream_online = sum(p.record.state == "online" for p in peers)
-                self.seen_upstream |= self.upstream_online > 0
+                # a finished record counts as seen: a short run upstream may end between two of our looks
+                self.seen_upstream |= bool(peers) or self.stats["microbatches"] > 0
             await asyncio.sleep(min(1.0, self.cfg.swarm.announce_period))
 
     def _usable(self, rec: StageRecord) -> bool:

@@ -4,7 +4,9 @@ Wire format, both directions: a stream of ExpertRequest (call) / ExpertResponse 
 `metadata` is msgpack({"n": number of tensors, "m": metadata dict}); the tensors follow as runtime_pb2.Tensor parts
 in hivemind's split_for_streaming layout (the first part of a tensor carries dtype/size/compression and `chunks`, the
 rest only bytes), packed into messages of about `chunk_bytes`. An error reply is {"n": 0, "m": {"error": "..."}}.
-Streams bypass hivemind's 4 MiB unary limit and its unary timeouts (we apply our own).
+Streams bypass hivemind's 4 MiB unary limit and its unary timeouts (we apply our own). Caps are checked as parts
+arrive and before decoding, but hivemind itself reads each stream message whole (8-byte length prefix, no cap) and
+prefetches up to 5 of them: a hostile caller can still make us buffer a few huge messages. Not authenticated.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm_peer.compression import decode, decoded_nbytes, encode
 
-CHUNK_BYTES = 1 << 20  # bytes per stream message; see scripts/bench_hop.py
+CHUNK_BYTES = 256 << 10  # bytes per stream message: 256 KiB beat 64 KiB, 512 KiB-2 MiB by 0-10 % (bench_hop.py)
 MAX_REQUEST_BYTES = 512 << 20
 MAX_TENSORS = 64
 MAX_METADATA_BYTES = 64 << 10
@@ -231,8 +233,8 @@ class StageServicer(ServicerBase):
 
     @classmethod
     def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
-        # fixed name (hivemind uses cls.__name__): subclasses stay reachable by call_forward
-        return f"{namespace}::StageServicer.{method_name}" if namespace is not None else f"StageServicer.{method_name}"
+        name = f"StageServicer.{method_name}"  # fixed (hivemind uses cls.__name__): subclasses stay reachable
+        return name if namespace is None else f"{namespace}::{name}"
 
     async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                           context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:

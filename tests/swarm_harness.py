@@ -81,13 +81,15 @@ class Swarm:
         """Stop everything; returns PIDs that survived (should be none)."""
         for proc in self.procs.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+                proc.terminate()  # the peer's own SIGTERM handler shuts its DHT and p2pd down
+        deadline = time.monotonic() + 20
         for proc in self.procs.values():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        while time.monotonic() < deadline and any(group_pids(p.pid) for p in self.procs.values()):
+            time.sleep(0.2)  # children may take a moment to finish exiting after their parent
         leftovers = []
         for proc in self.procs.values():
             for pid in group_pids(proc.pid):

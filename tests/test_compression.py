@@ -59,7 +59,8 @@ def test_round_trip_error_and_size(activations, codec):
 @pytest.mark.parametrize("codec", C.WIRE_CODECS)
 @pytest.mark.parametrize("tensor", [torch.randint(-2**40, 2**40, (64, 33)), torch.randint(0, 50000, (3000,)),
                                     torch.randint(-5, 5, (2000,), dtype=torch.int32), torch.rand(1500) > 0.5,
-                                    torch.randint(0, 255, (1200,), dtype=torch.uint8)], ids=["int64-wide", "int64-tokens", "int32", "bool", "uint8"])
+                                    torch.randint(0, 255, (1200,), dtype=torch.uint8)],
+                         ids=["int64-wide", "int64-tokens", "int32", "bool", "uint8"])
 def test_integer_tensors_are_exact(codec, tensor):
     message = C.serialize(tensor, codec)
     assert message.compression == CT.NONE

@@ -140,3 +140,47 @@ def test_killed_stage1_peer_is_rerouted_around(swarm_factory):
     s0 = swarm.summary("s0")
     assert s0["inner_steps"] == 30
     assert s0["forwarded_to"].get(swarm.summary("s1p0")["peer_id"], 0) > 0
+
+
+def test_compressed_wire_and_malformed_requests(swarm_factory):
+    """8-bit activations / fp16 gradients train; malformed requests get error replies and change nothing."""
+    from hivemind import DHT
+    from hivemind.p2p import PeerID
+
+    from swarm_peer.records import make_validators
+    from swarm_peer.transport import LoopThread, RemoteError, call_forward
+
+    run = "compressed"
+    swarm = swarm_factory(run, ["swarm.num_stages=2", "swarm.compression.forward=8bit",
+                                "swarm.compression.backward=fp16"])
+    swarm.start("s1", 1, "--max-steps", "12")
+    maddr = swarm.wait_ready("s1")
+    target = PeerID.from_base58(maddr.split("/p2p/")[-1])
+    dht = DHT(start=True, initial_peers=[maddr], client_mode=True, record_validators=make_validators(run, 2))
+    loop = LoopThread()
+    try:
+        p2p = loop.run(dht.replicate_p2p(), 30)
+        good_labels = torch.zeros(2, 32, dtype=torch.int32)
+        bad = [
+            ({"mb": "x"}, [torch.zeros(2, 31, 64), good_labels]),  # wrong seq_len
+            ({"mb": "x"}, [torch.zeros(2, 32, 65), good_labels]),  # wrong hidden size
+            ({"mb": "x"}, [torch.full((2, 32, 64), float("nan")), good_labels]),  # non-finite
+            ({"mb": "x"}, [torch.zeros(2, 32, 64), torch.full((2, 32), 10**6, dtype=torch.int32)]),  # bad labels
+            ({"mb": "x"}, [torch.zeros(9, 32, 64), torch.zeros(9, 32, dtype=torch.int32)]),  # too many samples
+            ({"mb": 5}, [torch.zeros(2, 32, 64), good_labels]),  # bad metadata
+            ({"mb": "x"}, [torch.zeros(2, 32, 64)]),  # missing labels
+        ]
+        for meta, tensors in bad:
+            with pytest.raises(RemoteError):
+                loop.run(call_forward(p2p, target, meta, tensors, "none", 30, namespace=run), 40)
+    finally:
+        loop.stop()
+        dht.shutdown()
+    assert swarm.procs["s1"].poll() is None  # still serving
+    swarm.start("s0", 0, "--max-steps", "12")
+    for name in ("s0", "s1"):
+        assert swarm.wait_exit(name, 300) == 0, swarm.log(name)[-3000:]
+    s1 = swarm.summary("s1")
+    assert s1["inner_steps"] == 12 and s1["microbatches"] == 12 * 4  # the bad requests were never admitted
+    curve = [loss for _, loss in s1["loss_curve"]]
+    assert curve[-1] < curve[0] - 0.5, curve
