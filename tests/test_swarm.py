@@ -184,3 +184,32 @@ def test_compressed_wire_and_malformed_requests(swarm_factory):
     assert s1["inner_steps"] == 12 and s1["microbatches"] == 12 * 4  # the bad requests were never admitted
     curve = [loss for _, loss in s1["loss_curve"]]
     assert curve[-1] < curve[0] - 0.5, curve
+
+
+def test_run_local_experiment_end_to_end(cache_dir):
+    """The README's main job, small: 2 stages x 2 peers, merged log, summaries, nothing left running."""
+    import shutil
+    import uuid
+
+    from tests.swarm_harness import group_pids
+
+    run_id = f"pytest-{uuid.uuid4().hex[:8]}"
+    extra = []
+    for o in [*FAST, f"data.cache_dir={cache_dir}"]:
+        extra += ["--set", o]
+    run_dir = ROOT / "runs" / run_id
+    try:
+        proc = subprocess.run(["bash", "run_local_experiment.sh", "-s", "2", "-p", "2", "--run-id", run_id,
+                               "--max-steps", "6", "--timeout", "300", "--", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        for s in range(2):
+            for p in range(2):
+                assert f"[stage{s}/peer{p}] " in proc.stdout
+                summary = (run_dir / f"stage{s}_peer{p}.json")
+                assert summary.exists() and (run_dir / f"stage{s}_peer{p}.log").exists()
+        assert "all 4 peers up" in proc.stdout and "finished" in proc.stdout
+        pids = [int(line.split()[0]) for line in (run_dir / "pids").read_text().splitlines()]
+        assert len(pids) == 4 and not any(group_pids(pid) for pid in pids)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,29 @@
+"""The peer CLI rejects bad input with one clear line and exit 2, before touching the network."""
+import subprocess
+
+import pytest
+
+from tests.conftest import PYTHON, ROOT
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--stage", "5"], "--stage 5"),
+    (["--stage", "0", "--initial-peers", "not-a-maddr"], "--initial-peers"),
+    (["--stage", "0", "--initial-peers", "/ip4/127.0.0.1/tcp/1"], "/p2p/"),
+    (["--stage", "1", "--client-mode", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmPeer"], "--client-mode"),
+    (["--stage", "0", "--run-id", "bad.id"], "--run-id"),
+    (["--stage", "0", "--data-shard", "3/2"], "--data-shard"),
+    (["--stage", "0", "--set", "swarm.num_stages=0"], "swarm.num_stages"),
+])
+def test_peer_cli_bad_input_exits_2(args, needle):
+    proc = subprocess.run([PYTHON, "-m", "swarm_peer", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+def test_run_local_experiment_rejects_bad_arguments():
+    for args in (["--stages", "x"], ["--bogus"], ["-c", "/nonexistent.yaml"]):
+        proc = subprocess.run(["bash", "run_local_experiment.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2 and "run_local_experiment:" in proc.stderr, (args, proc.stderr)
