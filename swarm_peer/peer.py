@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         raise _fail(f"--stage {args.stage}: must be in 0..{cfg.swarm.num_stages - 1} (swarm.num_stages)")
     if args.client_mode and args.stage != 0:
         raise _fail(f"--client-mode: stage {args.stage} peers must accept connections from stage {args.stage - 1}")
+    setup_logging(args.verbose)  # before anything imports hivemind: it reads HIVEMIND_LOGLEVEL at import
     check_network_args(args)
     shard = (0, 1)
     if args.data_shard is not None:
@@ -135,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
             shard = (k, n)
         except (ValueError, AssertionError):
             raise _fail(f"--data-shard {args.data_shard!r}: expected K/N with 0 <= K < N")
-    setup_logging(args.verbose)
     try:
         return run_peer(cfg, args, shard)
     except ConfigError as e:
