@@ -213,3 +213,21 @@ def test_run_local_experiment_end_to_end(cache_dir):
         assert len(pids) == 4 and not any(group_pids(pid) for pid in pids)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_mismatched_config_peer_is_ignored_with_a_warning(swarm_factory):
+    import time
+
+    swarm = swarm_factory("mismatch", ["swarm.num_stages=2"])
+    swarm.overrides.append("model.hidden_size=96")  # this stage-1 peer runs another model
+    swarm.start("s1", 1)
+    swarm.wait_ready("s1")
+    swarm.overrides.pop()
+    swarm.start("s0", 0, "--max-steps", "2")
+    deadline = time.monotonic() + 60
+    while not ("config fingerprint mismatch" in swarm.log("s0") and "has no live peers; waiting" in swarm.log("s0")):
+        assert time.monotonic() < deadline, swarm.log("s0")[-3000:]
+        time.sleep(0.3)
+    line = next(x for x in swarm.log("s0").splitlines() if "fingerprint mismatch" in x)
+    assert "h96" in line and "h64" in line  # names both configs
+    assert swarm.procs["s0"].poll() is None  # waits, does not crash
