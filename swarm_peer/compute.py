@@ -15,6 +15,7 @@ Training semantics (why the numbers are exact):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import queue
 import threading
@@ -44,18 +45,26 @@ class ComputeThread:
             _, _, item = self._queue.get()
             if item is None:
                 return
-            fn, loop, future = item
+            fn, done = item
             try:
                 result, error = fn(), None
-            except BaseException as e:  # reported to the awaiting coroutine
+            except BaseException as e:  # reported to the waiting caller
                 result, error = None, e
-            loop.call_soon_threadsafe(_resolve, future, result, error)
+            done(result, error)
 
     async def run(self, priority: int, fn):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((priority, next(self._counter), (fn, loop, future)))
+        done = lambda result, error: loop.call_soon_threadsafe(_resolve, future, result, error)  # noqa: E731
+        self._queue.put((priority, next(self._counter), (fn, done)))
         return await future
+
+    def call(self, priority: int, fn, timeout: float | None = None):
+        """Blocking variant for other threads (e.g. hivemind's state-sharing thread)."""
+        future = concurrent.futures.Future()
+        done = lambda result, error: future.set_exception(error) if error else future.set_result(result)  # noqa: E731
+        self._queue.put((priority, next(self._counter), (fn, done)))
+        return future.result(timeout)
 
     def pending(self) -> int:
         return self._queue.qsize()
@@ -84,12 +93,24 @@ class GradientWindow:
         self._open = asyncio.Event()
         self._open.set()
         self._drained = asyncio.Event()
+        self._reject = asyncio.Event()
 
-    async def admit(self, samples: int) -> None:
+    async def admit(self, samples: int, rejectable: bool = False) -> None:
+        """Wait for the window to open; a `rejectable` caller (a remote request) gets a busy error instead when the
+        window closes for a same-stage sync, which can take seconds (its sender reroutes or retries)."""
         self.waiting += 1
         try:
             while not self._open.is_set():
-                await self._open.wait()
+                if rejectable and self._reject.is_set():
+                    raise RuntimeError("busy: synchronizing with stage peers")
+                waits = [asyncio.ensure_future(self._open.wait())]
+                if rejectable:
+                    waits.append(asyncio.ensure_future(self._reject.wait()))
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
         finally:
             self.waiting -= 1
         self.admitted += samples
@@ -109,6 +130,14 @@ class GradientWindow:
         await self._drained.wait()
         return self.completed
 
+    def close(self, reject_waiting: bool = True) -> None:
+        """Close now, whatever is admitted (a sync is due): wait_full() returns once in-flight work drains."""
+        self._open.clear()
+        if reject_waiting:
+            self._reject.set()
+        if self.pending == 0:
+            self._drained.set()
+
     def close_partial(self) -> bool:
         """At the end of a run: close a partly filled window so it gets stepped. False if there is nothing."""
         if self.admitted == 0:
@@ -121,6 +150,7 @@ class GradientWindow:
     def reopen(self) -> None:
         self.admitted = self.pending = self.completed = 0
         self._drained.clear()
+        self._reject.clear()
         self._open.set()
 
 
@@ -192,12 +222,13 @@ class StageTrainer:
     def forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(self.device))
 
-    def step(self, completed_samples: int) -> None:
-        """Inner AdamW step on this peer's own accumulated samples."""
+    def step(self, completed_samples: int, grads_are_mean: bool = False) -> None:
+        """Inner AdamW step on this peer's own accumulated samples (`grads_are_mean`: already the batch mean, as
+        after a sync-mode gradient average)."""
         if completed_samples <= 0:
             self.opt.zero_grad(set_to_none=True)
             return
-        if completed_samples != self.cfg.data.batch_size:
+        if completed_samples != self.cfg.data.batch_size and not grads_are_mean:
             scale = self.cfg.data.batch_size / completed_samples
             for p in self.params:
                 if p.grad is not None:
@@ -212,6 +243,47 @@ class StageTrainer:
         self.opt.zero_grad(set_to_none=True)
         self.inner_step += 1
         self.samples_stepped += completed_samples
+
+    @torch.no_grad()
+    def mean_gradients(self, completed_samples: int, out: list[torch.Tensor]) -> None:
+        """Write the batch-mean gradient over this peer's completed samples into `out` (CPU fp32; zeros if none)."""
+        scale = self.cfg.data.batch_size / max(completed_samples, 1)
+        for o, p in zip(out, self.params):
+            if p.grad is None:
+                o.zero_()
+            else:
+                o.copy_(p.grad.detach().to("cpu", torch.float32)).mul_(scale)
+
+    @torch.no_grad()
+    def set_gradients(self, grads: list[torch.Tensor]) -> None:
+        for p, g in zip(self.params, grads):
+            p.grad = g.to(p.device, p.dtype).clone()
+
+    def inner_state_tensors(self) -> tuple[int, list[torch.Tensor]]:
+        """(AdamW step count, [exp_avg..., exp_avg_sq...]) as CPU copies; zeros before the first step."""
+        steps, avgs, sqs = 0, [], []
+        for p in self.params:
+            st = self.opt.state.get(p, {})
+            steps = max(steps, int(st["step"])) if "step" in st else steps
+            avgs.append(st["exp_avg"].detach().cpu().clone() if "exp_avg" in st else torch.zeros(p.shape))
+            sqs.append(st["exp_avg_sq"].detach().cpu().clone() if "exp_avg_sq" in st else torch.zeros(p.shape))
+        return steps, [*avgs, *sqs]
+
+    @torch.no_grad()
+    def load_inner_state(self, adam_steps: int, tensors: list[torch.Tensor], inner_step: int) -> None:
+        """Adopt another replica's AdamW moments, step count and schedule position (sync mode joiners)."""
+        n = len(self.params)
+        if len(tensors) != 2 * n or any(t.shape != p.shape for t, p in zip(tensors, [*self.params] * 2)):
+            raise ValueError("downloaded optimizer state does not match this stage's parameters")
+        self.opt.state.clear()
+        if adam_steps > 0:
+            for i, p in enumerate(self.params):
+                self.opt.state[p] = {"step": torch.tensor(float(adam_steps)), "exp_avg": tensors[i].to(p.device).clone(),
+                                     "exp_avg_sq": tensors[n + i].to(p.device).clone()}
+        self.inner_step = inner_step
+        self.sched.last_epoch = inner_step
+        for group, lr in zip(self.opt.param_groups, [b * self.sched.lr_lambdas[0](inner_step) for b in self.sched.base_lrs]):
+            group["lr"] = lr
 
     def weights_hash(self) -> str:
         return weights_hash(self.model)

@@ -1,15 +1,19 @@
-"""DiLoCo's outer step (Douillard et al. 2023), the math only; the stage-local all-reduce that feeds it is issue 4.
+"""DiLoCo's outer step (Douillard et al. 2023): the math, no I/O. The rounds that drive it are in sync.py.
 
-Per peer: a global copy of the stage parameters (fp32, on the CPU, off the accelerator), an outer SGD with
-Nesterov momentum over that copy, and the working (local) parameters the inner AdamW trains. After H inner steps:
+Per peer: a global copy of the stage parameters (fp32, on the CPU, off the accelerator), an outer SGD with Nesterov
+momentum over that copy, and the working (local) parameters the inner AdamW trains. After a round of inner steps:
     pseudo-gradient  Δ_i = θ_global − θ_i                     (per peer)
     Δ = Σ_i w_i Δ_i / Σ_i w_i                                  (w_i = samples peer i processed in the round)
-    θ_global ← OuterSGD-Nesterov(θ_global, Δ); θ_i ← θ_global  (every peer continues from the same weights)
+    b ← μ b + Δ;  θ_global ← θ_global − lr (Δ + μ b)  (Nesterov; plain momentum: − lr b)
+    θ_i ← θ_global                                             (every peer continues from the same weights)
 With lr 1.0 and no momentum the outer step is plain parameter averaging: θ_global ← Σ w_i θ_i / Σ w_i.
+
+The update is computed in float64 and rounded once to fp32, so it does not depend on whether the CPU fuses
+multiply-adds: peers that averaged the same Δ (bit-identical, see averaging.py) end with bit-identical weights.
 """
 from __future__ import annotations
 
-import copy
+import hashlib
 
 import torch
 
@@ -18,26 +22,32 @@ from swarm_peer.config import OuterOptimConfig
 
 class OuterOptimizer:
     def __init__(self, local_params: list[torch.Tensor], cfg: OuterOptimConfig):
-        self.global_params = [torch.nn.Parameter(p.detach().to("cpu", torch.float32).clone(), requires_grad=False)
-                              for p in local_params]
-        self.opt = torch.optim.SGD(self.global_params, lr=cfg.lr, momentum=cfg.momentum,
-                                   nesterov=cfg.nesterov and cfg.momentum > 0)
+        self.lr, self.momentum = cfg.lr, cfg.momentum
+        self.nesterov = cfg.nesterov and cfg.momentum > 0
+        self.global_params = [p.detach().to("cpu", torch.float32).clone() for p in local_params]
+        self.buffers = [torch.zeros_like(g) for g in self.global_params]  # zeros == torch SGD's first-step clone
 
     @torch.no_grad()
-    def pseudo_gradient(self, local_params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """θ_global − θ_local, fp32 on the CPU (what goes into the all-reduce)."""
-        return [g - p.detach().to("cpu", torch.float32) for g, p in zip(self.global_params, local_params)]
+    def pseudo_gradient(self, local_params: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """θ_global − θ_local, fp32 on the CPU (what goes into the all-reduce); written into `out` when given."""
+        out = out if out is not None else [torch.empty_like(g) for g in self.global_params]
+        for o, g, p in zip(out, self.global_params, local_params):
+            torch.sub(g, p.detach().to("cpu", torch.float32), out=o)
+        return out
 
     @torch.no_grad()
     def step(self, averaged_pseudo_gradient: list[torch.Tensor]) -> None:
         """Apply the outer step with the (sample-weighted, averaged) pseudo-gradient."""
-        for g, delta in zip(self.global_params, averaged_pseudo_gradient):
-            if delta.shape != g.shape or not torch.isfinite(delta).all():
-                raise ValueError("pseudo-gradient has the wrong shape or non-finite values; outer step refused")
-            g.grad = delta.to(torch.float32).clone()
-        self.opt.step()
-        for g in self.global_params:
-            g.grad = None
+        if len(averaged_pseudo_gradient) != len(self.global_params) or any(
+                d.shape != g.shape or not torch.isfinite(d).all()
+                for d, g in zip(averaged_pseudo_gradient, self.global_params)):
+            raise ValueError("pseudo-gradient has the wrong shape or non-finite values; outer step refused")
+        for g, b, delta in zip(self.global_params, self.buffers, averaged_pseudo_gradient):
+            d = delta.to(torch.float64, copy=True)
+            buf = b.to(torch.float64).mul_(self.momentum).add_(d)
+            update = d.add_(buf, alpha=self.momentum) if self.nesterov else buf
+            b.copy_(buf)
+            g.copy_(g.to(torch.float64).sub_(update, alpha=self.lr))
 
     @torch.no_grad()
     def load_into(self, local_params: list[torch.Tensor]) -> None:
@@ -45,15 +55,37 @@ class OuterOptimizer:
         for g, p in zip(self.global_params, local_params):
             p.copy_(g.to(p.device, p.dtype))
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What a joining peer downloads: global weights, then momentum buffers (copies)."""
+        return [t.clone() for t in (*self.global_params, *self.buffers)]
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: list[torch.Tensor]) -> None:
+        n = len(self.global_params)
+        if len(tensors) != 2 * n or any(t.shape != g.shape for t, g in zip(tensors, [*self.global_params] * 2)):
+            raise ValueError("downloaded outer state does not match this stage's parameters")
+        if not all(torch.isfinite(t).all() for t in tensors):
+            raise ValueError("downloaded outer state has non-finite values")
+        for dst, src in zip((*self.global_params, *self.buffers), tensors):
+            dst.copy_(src)
+
     def state_dict(self) -> dict:
-        # deep copy: torch's SGD state_dict hands out its live momentum buffers
-        return {"global": [g.detach().clone() for g in self.global_params], "opt": copy.deepcopy(self.opt.state_dict())}
+        return {"global": [g.clone() for g in self.global_params], "buffers": [b.clone() for b in self.buffers]}
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for g, saved in zip(self.global_params, state["global"]):
-                g.copy_(saved)
-        self.opt.load_state_dict(state["opt"])
+        self.load_state_tensors([*state["global"], *state["buffers"]])
+
+    def global_hash(self) -> str:
+        return tensors_hash(self.global_params)
+
+
+def tensors_hash(tensors: list[torch.Tensor]) -> str:
+    """sha256 of the tensors' bytes in order: equal hash = bit-identical values."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def weighted_mean(per_peer: list[list[torch.Tensor]], weights: list[float]) -> list[torch.Tensor]:

@@ -169,6 +169,8 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
         p2p = loop.run(dht.replicate_p2p(), timeout=60)
         worker = StageWorker(cfg, args.stage, dht, p2p, args.run_id, local_public_key(validators), device, sampler,
                              client_mode=args.client_mode, test_delay=args.test_delay)
+        # adopt the stage's current weights (DiLoCo state) before serving or announcing anything
+        loop.run(worker.join_stage(), timeout=15 * max(30.0, cfg.swarm.averaging_timeout))
         if args.stage != 0:
             loop.run(worker.servicer().add_p2p_handlers(p2p, namespace=args.run_id), timeout=30)
         print(f"[stage {args.stage}] peer {dht.peer_id} serving layers [{worker.spec.start}:{worker.spec.end}] of "
@@ -195,10 +197,12 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
         if args.save_weights:
             torch.save({k: v.cpu() for k, v in worker.trainer.model.state_dict().items()}, args.save_weights)
         print(f"[stage {args.stage}] done: {summary['inner_steps']} inner steps, {summary['samples']} samples, "
-              f"{summary['tokens_per_s']:,.0f} tok/s, weights {summary['final_weights_hash']}", flush=True)
+              f"{summary['tokens_per_s']:,.0f} tok/s, {len(summary['sync']['rounds'])} rounds "
+              f"({summary['sync']['mode']}), weights {summary['final_weights_hash']}", flush=True)
         return 0  # finished, or stopped by a signal (the summary says which)
     finally:
         if worker is not None:
+            worker.sync.shutdown()
             worker.compute.stop()
         if loop is not None:
             loop.stop()

@@ -38,6 +38,15 @@ class StageRecord(pydantic.BaseModel):
     throughput: pydantic.confloat(strict=True, ge=0.0, le=1e9)  # samples/s EMA of its own compute
     inner_step: pydantic.conint(strict=True, ge=0)
     samples: pydantic.conint(strict=True, ge=0)
+    # same-stage synchronization (sync.py): the outer round this peer is in, its progress in it, whether it is
+    # averaging now, the hash of its global weights at the round's start and whether it got them from a completed
+    # round (a peer whose last round failed does not vote on the stage's weights)
+    round: pydantic.conint(strict=True, ge=0)
+    round_steps: pydantic.conint(strict=True, ge=0)
+    round_samples: pydantic.conint(strict=True, ge=0)
+    syncing: pydantic.StrictBool
+    global_hash: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")
+    round_ok: pydantic.StrictBool
 
     class Config:
         extra = pydantic.Extra.forbid

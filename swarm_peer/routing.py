@@ -25,6 +25,7 @@ class Candidate:
     inflight: int = 0
     max_inflight: int = 1
     throughput: float = 0.0  # samples/s published by the peer; 0 = not measured yet
+    syncing: bool = False  # averaging with its stage now: answers "busy" until done
 
 
 @dataclass
@@ -67,7 +68,9 @@ class Router:
         return latency + backlog * self.mb_samples / throughput
 
     def weights(self) -> dict[str, float]:
-        return {p: 1.0 / max(self.expected_time(p), 1e-6) for p in self.live()}
+        live = self.live()
+        ready = [p for p in live if not self.candidates[p].syncing] or live  # syncing peers only if all are
+        return {p: 1.0 / max(self.expected_time(p), 1e-6) for p in ready}
 
     def choose(self) -> str | None:
         """Draw a live next-stage peer, or None when there is none."""

@@ -26,6 +26,7 @@ from swarm_peer.data import Microbatch, ShardSampler
 from swarm_peer.model import stage_fingerprint, stage_spec
 from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
+from swarm_peer.sync import StageSync, stage_peers
 from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
 
 log = logging.getLogger("swarm_peer")
@@ -53,6 +54,9 @@ class StageWorker:
         self.next_fingerprint = stage_fingerprint(cfg, stage + 1) if not self.spec.is_last else None
         self.announcer = Announcer(dht, run_id, subkey, cfg.swarm.record_ttl)
         self.router = Router(cfg.data.microbatch_size, max_timeout=cfg.swarm.request_timeout)
+        self.sync = StageSync(cfg, stage, dht, run_id, self.trainer, self.compute, self.fingerprint)
+        self._sync_waiters: list[asyncio.Future] = []  # callers waiting for a round run by the stepper
+        self._recover_wanted = False
         self.window: GradientWindow | None = None  # created on the loop
         self.state = "online"
         self.stop_event: asyncio.Event | None = None
@@ -73,7 +77,10 @@ class StageWorker:
             config_summary=config_summary(self.cfg, self.stage), state=self.state, client_mode=self.client_mode,
             queue=(w.waiting if w else 0) + self.compute.pending(), inflight=w.pending if w else 0,
             max_inflight=self.cfg.swarm.max_inflight, throughput=float(self.trainer.throughput),
-            inner_step=self.trainer.inner_step, samples=self.trainer.samples_stepped)
+            inner_step=self.trainer.inner_step, samples=self.trainer.samples_stepped,
+            round=self.sync.progress.round, round_steps=self.sync.progress.round_steps,
+            round_samples=self.sync.progress.round_samples, syncing=self.sync.progress.syncing,
+            global_hash=self.sync.progress.global_hash, round_ok=self.sync.progress.round_ok)
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -112,7 +119,67 @@ class StageWorker:
 
     @staticmethod
     def _candidate(rec: StageRecord) -> Candidate:
-        return Candidate(rec.peer_id, rec.queue, rec.inflight, rec.max_inflight, rec.throughput)
+        return Candidate(rec.peer_id, rec.queue, rec.inflight, rec.max_inflight, rec.throughput, rec.syncing)
+
+    # ------------------------------------------------------------------------------- same-stage sync glue
+    def _refresh_stage(self) -> list[StageRecord]:
+        """Blocking: re-read this stage's records; what sync.py decides from."""
+        peers = read_stage_records(self.dht, self.run_id, self.stage)
+        self.sync.others = stage_peers(self.peer_id, [p.record for p in peers], self.fingerprint)
+        return self.sync.others
+
+    async def _publish_now(self) -> None:
+        try:
+            await self._in_thread(self.announcer.publish, self.record())
+        except Exception as e:
+            log.warning(f"could not announce stage {self.stage}: {e}")
+
+    async def sync_watch_loop(self) -> None:
+        """Close the window when a round is due (someone started it) or this peer's weights must be recovered; the
+        stepper acts once in-flight microbatches drain."""
+        while self.state == "online":
+            await self._in_thread(self._refresh_stage)
+            if not self.sync.progress.syncing and (self.sync.due() or self.sync.donors()):
+                self.window.close()
+            await asyncio.sleep(0.5)
+
+    async def join_stage(self) -> None:
+        """Before serving: adopt the stage's current state from its peers; the first peer keeps the seeded init."""
+        others = await self._in_thread(self._refresh_stage)
+        if self.sync.mode == "none" or not others:
+            log.info(f"stage {self.stage}: no stage peers online; starting from the seeded init")
+            return
+        self.sync.progress.round_ok = False  # not a voter until it holds the stage's state
+        for _ in range(10):
+            donors = self.sync.donors()
+            if not donors or await self.sync.recover(donors, "joining the stage"):
+                self.sync.progress.round_ok = True
+                return
+            await asyncio.sleep(1.0)
+            await self._in_thread(self._refresh_stage)
+        log.warning(f"stage {self.stage}: could not download the stage state; starting from the seeded init")
+        self.sync.progress.round_ok = True
+
+    async def _round(self) -> None:
+        metrics = await self.sync.run_round(0, self._refresh_stage, self._publish_now)
+        if metrics is None:
+            self._recover_wanted = True
+            return
+        self._log_round(metrics)
+
+    def _log_round(self, m: dict) -> None:
+        norm = m.get("pseudo_grad_norm", m.get("grad_norm", 0.0))
+        print(f"[stage {self.stage}] round {m['round']} -> {m['round'] + 1}: group {m['group_size']}, "
+              f"{'ok' if m['ok'] else 'NOT agreed'} ({m['outcome']}), norm {norm:.4f}, "
+              f"sent {m['bytes_sent'] / 2**20:.2f} MiB, received {m['bytes_received'] / 2**20:.2f} MiB, "
+              f"{m['seconds']:.2f}s, weights {m['weights_hash']}", flush=True)
+
+    async def request_round(self) -> None:
+        """Ask the stepper for a round now (end of run) and wait until it has run it."""
+        future = asyncio.get_running_loop().create_future()
+        self._sync_waiters.append(future)
+        self.window.close()
+        await future
 
     # -------------------------------------------------------------------------------------- downstream
     async def send_downstream(self, meta: dict, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -188,9 +255,11 @@ class StageWorker:
         samples, hidden, labels = self._validate(meta, tensors)
         if self.window.waiting + self.window.pending >= 2 * self.cfg.swarm.max_inflight:
             raise RuntimeError("busy: queue full")  # backpressure: the sender reroutes
+        if self.sync.progress.syncing:
+            raise RuntimeError("busy: synchronizing with stage peers")
         if meta.get("eval"):
             return await self._handle_eval(meta, hidden, labels)
-        await self.window.admit(samples)
+        await self.window.admit(samples, rejectable=True)
         ok = False
         try:
             if self.spec.is_last:
@@ -217,17 +286,46 @@ class StageWorker:
 
     # ----------------------------------------------------------------------------------------- driving
     async def stepper(self) -> None:
-        """Step whenever the window is closed and drained, then reopen it."""
+        """Whenever the window is closed and drained: [sync mode: average gradients], inner step, [diloco: an outer
+        round when due or asked for], [recover the stage's state if ours disagrees], then reopen the window."""
         while True:
             completed = await self.window.wait_full()
-            try:
-                await self.compute.run(STEP, lambda: self.trainer.step(completed))
-            except ValueError as e:
-                log.warning(f"stage {self.stage}: {e}")
+            averaged = None
+            if self.sync.mode == "sync" and (completed > 0 or self.sync.others):
+                averaged = await self.sync.run_round(completed, self._refresh_stage, self._publish_now)
+                self._recover_wanted |= averaged is None
+            if averaged is not None or not self._recover_wanted:
+                try:
+                    await self.compute.run(STEP, lambda: self.trainer.step(
+                        max(completed, 1) if averaged else completed, grads_are_mean=averaged is not None))
+                except ValueError as e:
+                    log.warning(f"stage {self.stage}: {e}")
+                if completed > 0:
+                    self.sync.stepped(completed)
+            if averaged is not None:
+                await self.sync.end_sync_round(averaged, self._publish_now)
             if self._step_losses:
                 self.loss_curve.append([self.trainer.inner_step, sum(self._step_losses) / len(self._step_losses)])
                 self._step_losses = []
+            if completed > 0 and self.sync.due(lookahead=1):  # nearly due: tell the stage, look again
+                await self._publish_now()
+                await self._in_thread(self._refresh_stage)
+            waiters, self._sync_waiters = self._sync_waiters, []
+            if self.sync.mode == "diloco" and (self.sync.due() or (waiters and self.sync.progress.round_steps)):
+                await self._round()
+            donors = self.sync.donors()
+            if donors or self._recover_wanted:
+                self._recover_wanted = not await self.sync.recover(
+                    donors or self._top_peers(), "behind the stage" if self._recover_wanted else "weights disagree")
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
             self.window.reopen()
+
+    def _top_peers(self) -> list[str]:
+        others = [o for o in self.sync.others if o.round_ok]
+        top = max((o.round for o in others), default=-1)
+        return [o.peer_id for o in others if o.round == top]
 
     async def _drive_one(self, index: int, mb: Microbatch, sem: asyncio.Semaphore) -> None:
         samples = mb.input_ids.shape[0]
@@ -303,8 +401,10 @@ class StageWorker:
     async def main(self, max_steps: int) -> None:
         self.stop_event = asyncio.Event()
         self.window = GradientWindow(self.cfg.data.batch_size)
-        background = [asyncio.create_task(c) for c in (self.announce_loop(), self.discover_loop(), self.stepper(),
-                                                        self.progress_loop())]
+        loops = [self.announce_loop(), self.discover_loop(), self.stepper(), self.progress_loop()]
+        if self.sync.mode != "none":
+            loops.append(self.sync_watch_loop())
+        background = [asyncio.create_task(c) for c in loops]
         self.started = time.monotonic()
         try:
             if self.spec.is_first:
@@ -315,6 +415,8 @@ class StageWorker:
                     if self.window.admitted == 0:
                         break
                     await asyncio.sleep(0.1)
+            if self.sync.mode == "diloco" and self.sync.progress.round_steps and not self.stop_event.is_set():
+                await asyncio.wait_for(self.request_round(), 3 * self.cfg.swarm.averaging_timeout)  # final round
         finally:
             self.wall = time.monotonic() - self.started
             self.state = "offline" if self.stop_event.is_set() else "finished"
@@ -341,5 +443,6 @@ class StageWorker:
             "compute_time_s": self.trainer.compute_seconds,
             "forwarded_to": self.router.sent_counts(), "transport": STATS.snapshot(),
             "final_weights_hash": self.trainer.weights_hash(), "fingerprint": self.fingerprint,
+            "sync": self.sync.summary(),
             "config": self.cfg.model_dump(mode="json"),
         }

@@ -1,0 +1,280 @@
+"""Same-stage averaging on hivemind's decentralized all-reduce, with bit-identical results on every groupmate.
+
+hivemind's AllReduceRunner hands back *deltas* (average − my input), each compressed on its way back, so every peer
+ends with its own input + its own rounding of the delta: replicas differ by compression error, and under DiLoCo
+(outer steps never pull the global copies together) they drift apart as a random walk. We keep hivemind's
+matchmaking, butterfly partitioning, sample weights, timeouts and bans, and change what a reducer returns: the
+*value* of its averaged part, compressed once with the stage's codec; every groupmate, the reducer included, decodes
+those same bytes. So a completed round leaves identical averages everywhere and a later hash disagreement means a
+real fault. A reducer that fails leaves its parts at the peer's own values (hivemind's behaviour): we count them and
+fail the round, so the caller never trains on a half-averaged vector. Inputs are checked (shape, finite, weight)
+before they touch an accumulator: a bad sender is banned from the round.
+
+`StageAverager` adds: a runtime target group size (the stage's live peer count, so a full group starts at once),
+traffic counters, and `download_state`, which fetches the stage state from several donors at once (tensors split
+round-robin, a failed donor's share re-fetched from the others).
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import math
+import multiprocessing as mp
+import time
+from typing import AsyncIterator, Callable, Optional
+
+import msgpack
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils import MPFuture
+from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, azip
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+log = logging.getLogger("swarm_peer")
+SENT, RECEIVED, FAILED_VALUES = 0, 1, 2
+
+
+class ValueAllReduceRunner(AllReduceRunner):
+    """Butterfly all-reduce whose reducers return averaged values (see the module docstring)."""
+
+    def __init__(self, *, traffic=None, **kwargs):
+        super().__init__(**kwargs)
+        container = self.tensor_part_container
+        container.return_deltas = False  # a failed reducer's parts keep our own values (counted as failed)
+        own = self.ordered_peer_ids.index(self.peer_id)
+        self._own_infos = [info for _, info in container._input_parts_by_peer[own]]
+        self._results: dict[int, runtime_pb2.Tensor] = {}  # part index -> the bytes every groupmate gets
+        self._traffic = traffic
+
+    def _count(self, index: int, nbytes: int) -> None:
+        if self._traffic is not None:
+            with self._traffic.get_lock():
+                self._traffic[index] += nbytes
+
+    def _result(self, part_index: int, averaged: torch.Tensor) -> runtime_pb2.Tensor:
+        """Compress an averaged part once; every request for it gets these same bytes."""
+        if part_index not in self._results:
+            compression = self.tensor_part_container.compression
+            self._results[part_index] = compression.compress(averaged, self._own_infos[part_index])
+        return self._results[part_index]
+
+    def _check_part(self, part: torch.Tensor, shape: torch.Size, who: str) -> None:
+        if part.shape != shape or not part.is_floating_point() or not torch.isfinite(part).all():
+            raise AllreduceException(f"{who} sent a malformed part {tuple(part.shape)} {part.dtype} (expected {tuple(shape)})")
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        container = self.tensor_part_container
+        loop = asyncio.get_running_loop()
+        if peer_id == self.peer_id:  # we reduce our own share too
+            sender_index = self.sender_peer_ids.index(peer_id)
+            for part_index, part in enumerate(self.parts_for_local_averaging):
+                averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=self.weight)
+                message = await loop.run_in_executor(None, self._result, part_index, averaged)
+                container.register_processed_part(peer_index, part_index, deserialize_torch_tensor(message))
+            return
+        try:
+            shapes = [part.shape for part, _ in container._input_parts_by_peer[peer_index]]
+            done_sending = asyncio.Event()
+
+            async def inputs():
+                async for message in self._generate_input_for_peer(peer_index):
+                    self._count(SENT, len(message.tensor_part.buffer))
+                    yield message
+                done_sending.set()
+
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs())
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+            part_index = 0
+            async for message in aiter_with_timeout(stream, self.reducer_timeout):
+                if message.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(message.code)}")
+                if part_index >= len(shapes):
+                    raise AllreduceException(f"{peer_id} sent more parts than expected")
+                self._count(RECEIVED, len(message.tensor_part.buffer))
+                part = await loop.run_in_executor(None, deserialize_torch_tensor, message.tensor_part)
+                self._check_part(part, shapes[part_index], f"reducer {peer_id}")
+                container.register_processed_part(peer_index, part_index, part)
+                part_index += 1
+            if part_index != container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(f"reducer {peer_id} sent {part_index} of {len(shapes)} parts")
+        except BaseException as e:
+            if isinstance(e, Exception):
+                log.debug(f"averaging: reducer {peer_id} failed: {e!r}")
+            container.register_failed_reducer(peer_index)
+            raise
+
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+        loop = asyncio.get_running_loop()
+        part_index = 0
+        try:
+            async for message in stream:
+                if part_index >= self.tensor_part_reducer.num_parts:
+                    raise AllreduceException("sender sent more parts than expected")
+                self._count(RECEIVED, len(message.tensor_part.buffer))
+                part = await loop.run_in_executor(None, deserialize_torch_tensor, message.tensor_part)
+                self._check_part(part, self.parts_for_local_averaging[part_index].shape, f"sender {sender_index}")
+                if not (math.isfinite(message.weight) and message.weight >= 0):
+                    raise AllreduceException(f"sender {sender_index} sent weight {message.weight}")
+                try:
+                    averaged = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, part, weight=message.weight)
+                except BannedException:
+                    break
+                result = await loop.run_in_executor(None, self._result, part_index, averaged)
+                part_index += 1
+                self._count(SENT, len(result.buffer))
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=result)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class StageAverager(DecentralizedAverager):
+    """DecentralizedAverager over one stage's flat buffers. `get_state()` (host process) supplies what joiners and
+    recovering peers download: (metadata dict, list of CPU tensors)."""
+
+    def __init__(self, averaged_tensors, dht, *, get_state: Callable[[], tuple[dict, list[torch.Tensor]]], **kwargs):
+        self._get_state = get_state
+        self.traffic = mp.Array(ctypes.c_int64, 3)  # bytes sent, bytes received, values left unaveraged
+        super().__init__(averaged_tensors, dht, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- all-reduce
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = ValueAllReduceRunner(traffic=self.traffic, p2p=self._p2p, servicer_type=type(self),
+                                      prefix=self.prefix, tensors=tensors, group_id=group_id,
+                                      ordered_peer_ids=group_info.peer_ids, **kwargs)
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            raise AllreduceException("stage averagers never run as auxiliaries")
+        async for tensor, averaged in azip(as_aiter(*tensors), runner):
+            tensor.copy_(averaged)
+        failed = runner.tensor_part_container.failed_size
+        if failed:
+            with self.traffic.get_lock():
+                self.traffic[FAILED_VALUES] += failed
+            raise AllreduceException(f"partial round: {failed} of {runner.tensor_part_container.total_size} "
+                                     f"values were not averaged (a reducer failed)")
+
+    def set_target_group_size(self, size: int, timeout: float = 30.0) -> None:
+        """A group of `size` starts as soon as it is complete instead of waiting out the matchmaking time."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_target_group_size", [], dict(size=size, future=future)))
+        future.result(timeout)
+
+    async def _set_target_group_size(self, size: int, future: MPFuture):
+        self._matchmaking.target_group_size = size
+        self._matchmaking.potential_leaders.target_group_size = size
+        future.set_result(None)
+
+    # ------------------------------------------------------------------------------------- state sharing
+    def get_current_state(self):
+        metadata, tensors = self._get_state()
+        return metadata, tensors, None
+
+    async def rpc_download_slice(self, request: runtime_pb2.ExpertRequest,
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """Stream the state tensors whose indices are listed in the request (msgpack list in `metadata`); the first
+        message carries the state metadata. An empty reply means "not sharing"."""
+        if not self.allow_state_sharing:
+            return
+        try:
+            wanted = msgpack.unpackb(request.metadata[:65536], raw=False)
+            assert isinstance(wanted, list) and all(type(i) is int for i in wanted)
+        except Exception:
+            return
+        metadata, tensors, _ = await self._get_current_state_from_host_process()
+        first = True
+        for index in wanted:
+            if not 0 <= index < len(tensors):
+                return
+            for part in split_for_streaming(_serialize_state(self.state_compression, tensors[index])):
+                yield averaging_pb2.DownloadData(tensor_part=part, metadata=metadata if first else b"")
+                first = False
+
+    def download_state(self, donors: list[str], num_tensors: int, timeout: float) -> Optional[tuple[dict, list]]:
+        """Fetch all `num_tensors` state tensors, split across `donors` (base58 peer ids) and fetched concurrently; a
+        failed donor's share goes to the others. Returns (metadata, tensors) or None. All donors must report the same
+        metadata (round and hash): a donor that moved on mid-download makes the whole download fail."""
+        future = MPFuture()
+        self._outer_pipe.send(("_download_state", [], dict(donors=donors, num_tensors=num_tensors, timeout=timeout,
+                                                             future=future)))
+        return future.result(timeout + 10)
+
+    async def _download_state(self, donors: list[str], num_tensors: int, timeout: float, future: MPFuture):
+        try:
+            result = await asyncio.wait_for(self._download_from(donors, num_tensors, timeout), timeout)
+        except Exception as e:
+            log.warning(f"state download failed: {e!r}")
+            result = None
+        if not future.done():
+            future.set_result(result)
+
+    async def _download_from(self, donors: list[str], num_tensors: int, timeout: float):
+        peers = [PeerID.from_base58(d) for d in donors if d != str(self.peer_id)]
+        tensors: dict[int, torch.Tensor] = {}
+        metadata_seen: set[bytes] = set()
+        todo = list(range(num_tensors))
+        while todo and peers:
+            shares = {peer: todo[i::len(peers)] for i, peer in enumerate(peers)}
+            results = await asyncio.gather(*(self._fetch(peer, share, timeout) for peer, share in shares.items()
+                                             if share), return_exceptions=True)
+            for (peer, share), result in zip([(p, s) for p, s in shares.items() if s], results):
+                if isinstance(result, BaseException) or result is None:
+                    log.warning(f"state download from {str(peer)[-8:]} failed ({result!r}); trying the others")
+                    peers.remove(peer)
+                    continue
+                metadata, got = result
+                metadata_seen.add(metadata)
+                tensors.update(zip(share, got))
+            todo = [i for i in range(num_tensors) if i not in tensors]
+        if todo or len(metadata_seen) != 1:
+            return None  # donors gone, or they disagreed (one moved to a newer round): the caller retries
+        return self.serializer.loads(metadata_seen.pop()), [tensors[i] for i in range(num_tensors)]
+
+    async def _fetch(self, peer: PeerID, indices: list[int], timeout: float):
+        request = runtime_pb2.ExpertRequest(metadata=msgpack.packb(indices))
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await stub.rpc_download_slice(request)
+        metadata, tensors, parts = None, [], []
+        async for message in aiter_with_timeout(stream, timeout=timeout):
+            if metadata is None:
+                metadata = message.metadata
+            if message.tensor_part.dtype and parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(message.tensor_part)
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        if not metadata or len(tensors) != len(indices):
+            return None
+        return metadata, tensors
+
+
+def _serialize_state(compression, tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    from hivemind.compression import CompressionInfo
+
+    return compression.compress(tensor, CompressionInfo.from_tensor(tensor), allow_inplace=False)
+
+
+def wait_step(control, give_up: Callable[[], Optional[str]], poll: float = 0.25, deadline: float = math.inf):
+    """Wait for an averager StepControl; `give_up()` returning a reason cancels it. Returns (gathered, error)."""
+    while True:
+        try:
+            return control.result(timeout=poll), None
+        except TimeoutError:
+            pass
+        except Exception as e:  # the step failed
+            return None, " ".join(str(e).split())[:200] or type(e).__name__
+        reason = give_up() if time.monotonic() < deadline else "timed out"
+        if reason:
+            control.cancel()
+            return None, reason

@@ -1,0 +1,311 @@
+"""Keeping the replicas of one stage in sync: when its peers enter a round, the round itself, agreement, recovery.
+
+`swarm.sync_mode`:
+- `diloco` (default): inner AdamW steps on the local weights; each outer round averages the pseudo-gradients
+  θ_global − θ_local of the stage's peers (weighted by samples) and applies outer SGD-Nesterov (diloco.py).
+- `sync`: SWARM-style data parallelism: before every inner step the stage's peers average their gradients (weighted by
+  samples); with identical init, averages and AdamW states the replicas stay identical.
+- `none`: replicas train independently (an experiment's control).
+
+When. Every peer publishes its round, the inner steps and samples it has done in it, and whether it is averaging
+now (StageRecord). Round r is due when the stage's peers in round r have done H = `swarm.sync_every` inner steps on
+average (or `swarm.sync_samples` samples together), or when any of them has started averaging. So a fast peer does
+more inner steps per round, nobody waits for a barrier, and stages sync independently.
+
+The round. hivemind's all-reduce among the stage's peers in round r (group key = round bits, target group size = the
+peers that can join), every timeout set, bit-identical results (averaging.py). Attempts repeat until
+`swarm.averaging_timeout`; a peer that finds itself alone applies its own outer step on schedule (`round_ok`); one
+that failed to average with peers that exist steps alone too but marks `round_ok = False`, so it won't vote.
+
+Agreement. Peers publish the hash of their global weights at the start of each round. A peer whose hash differs from
+the majority of the voting peers at the newest round (ties: the hash held by the smallest peer id), or who is behind
+that round, downloads the state (global weights, momentum, round) from the peers holding the majority hash, several
+donors at once. Joiners do the same before they serve; the first peer of an empty stage keeps the seeded init.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from swarm_peer.averaging import FAILED_VALUES, RECEIVED, SENT, StageAverager, wait_step
+from swarm_peer.compression import compression_strategy
+from swarm_peer.compute import STEP, ComputeThread, StageTrainer
+from swarm_peer.config import Config
+from swarm_peer.diloco import OuterOptimizer, tensors_hash
+from swarm_peer.records import StageRecord
+
+log = logging.getLogger("swarm_peer")
+
+
+@dataclass
+class Progress:
+    """This peer's place in its stage's rounds (published in its StageRecord)."""
+    global_hash: str
+    round: int = 0
+    round_steps: int = 0
+    round_samples: int = 0
+    syncing: bool = False
+    round_ok: bool = True
+
+
+# --------------------------------------------------------------------------------------------- pure decisions
+def stage_peers(me: str, records: list[StageRecord], fingerprint: str) -> list[StageRecord]:
+    return [r for r in records if r.peer_id != me and r.state == "online" and r.fingerprint == fingerprint]
+
+
+def round_due(me: Progress, others: list[StageRecord], every: int, samples_target: int | None,
+              lookahead: int = 0) -> bool:
+    """Is my round due? `others`: the stage's other online peers. `lookahead` inner steps per peer: "almost due"
+    (then the worker publishes and re-reads progress at every step, so the trigger lags by less than a step)."""
+    same = [r for r in others if r.round == me.round]
+    if any(r.syncing for r in same):
+        return True  # someone has started this round: join it now
+    n = 1 + len(same)
+    if samples_target:
+        samples = me.round_samples + sum(r.round_samples for r in same)
+        return samples + lookahead * n * max(1, me.round_samples // max(1, me.round_steps)) >= samples_target
+    return me.round_steps + sum(r.round_steps for r in same) + lookahead * n >= every * n
+
+
+def majority_hash(votes: list[tuple[str, str]]) -> str:
+    """votes: (hash, peer id). The most held hash; a tie goes to the hash held by the smallest peer id."""
+    counts = Counter(h for h, _ in votes)
+    return min(counts, key=lambda h: (-counts[h], min(p for v, p in votes if v == h)))
+
+
+def choose_donors(me_id: str, me: Progress, others: list[StageRecord]) -> list[str]:
+    """Peers to download the stage state from; [] when mine is the stage's (or nobody can tell)."""
+    voters = [r for r in others if r.round_ok]
+    if not voters:
+        return []
+    top = max(r.round for r in voters)
+    if top < me.round:
+        return []  # I am ahead; they catch up from me
+    at_top = [r for r in voters if r.round == top]
+    votes = [(r.global_hash, r.peer_id) for r in at_top]
+    if me.round == top and me.round_ok:
+        votes.append((me.global_hash, me_id))
+    best = majority_hash(votes)
+    if me.round == top and me.global_hash == best:
+        return []
+    return sorted(r.peer_id for r in at_top if r.global_hash == best)
+
+
+def round_bits(r: int) -> str:
+    """Group key bits: only peers in the same round (mod 2^16) can form a group."""
+    return format(r % 65536, "016b")
+
+
+# ------------------------------------------------------------------------------------------------ the peer side
+class StageSync:
+    """One peer's side of its stage's rounds. Torch work runs on the peer's compute thread; blocking hivemind calls
+    in executor threads; decisions read the stage's records that the worker refreshes (`others`)."""
+
+    def __init__(self, cfg: Config, stage: int, dht, run_id: str, trainer: StageTrainer, compute: ComputeThread,
+                 fingerprint: str):
+        self.cfg, self.mode, self.trainer, self.compute = cfg, cfg.swarm.sync_mode, trainer, compute
+        self.me, self.fingerprint = str(dht.peer_id), fingerprint
+        self.outer = OuterOptimizer(trainer.params, cfg.optim.outer) if self.mode == "diloco" else None
+        self.progress = Progress(global_hash=self._state_hash())
+        self.others: list[StageRecord] = []
+        self.rounds: list[dict] = []
+        self.recoveries: list[dict] = []
+        self.averager = None
+        if self.mode != "none":
+            sw = cfg.swarm
+            self.buffers = [torch.zeros(p.shape, dtype=torch.float32) for p in trainer.params]
+            self.own = [torch.zeros_like(b) for b in self.buffers]  # my contribution, refilled before each attempt
+            self.averager = StageAverager(
+                self.buffers, dht, get_state=self._state_for_download, prefix=f"{run_id}_avg{stage}", start=True,
+                min_group_size=2, target_group_size=2, initial_group_bits=round_bits(0),
+                min_matchmaking_time=sw.matchmaking_time, request_timeout=max(0.2, 0.5 * sw.matchmaking_time),
+                compression=compression_strategy(sw.compression.averaging), allreduce_timeout=sw.averaging_timeout,
+                next_chunk_timeout=sw.averaging_chunk_timeout, client_mode=False, declare_state_period=10)
+
+    # ---- what this peer's state is, and what a downloader gets
+    def _state_hash(self) -> str:
+        return self.outer.global_hash() if self.outer else tensors_hash([p.detach().cpu() for p in self.trainer.params])
+
+    def _state_tensors(self) -> tuple[dict, list[torch.Tensor]]:
+        meta = {"round": self.progress.round, "hash": self.progress.global_hash, "mode": self.mode,
+                "inner_step": self.trainer.inner_step}
+        if self.outer:
+            return meta, self.outer.state_tensors()
+        adam_steps, moments = self.trainer.inner_state_tensors()
+        return {**meta, "adam_steps": adam_steps}, [p.detach().cpu().clone() for p in self.trainer.params] + moments
+
+    def _state_for_download(self):
+        # runs in hivemind's state-sharing thread; the compute thread makes the snapshot consistent
+        if not self.progress.round_ok:
+            return {"round": -1}, []  # never share a state the stage has not agreed on
+        return self.compute.call(STEP, self._state_tensors, timeout=60)
+
+    def _num_state_tensors(self) -> int:
+        return len(self.trainer.params) * (2 if self.outer else 3)
+
+    @torch.no_grad()
+    def _apply_state(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+        n = len(self.trainer.params)
+        if self.outer:
+            self.outer.load_state_tensors(tensors)
+            self.outer.load_into(self.trainer.params)
+        else:
+            for p, t in zip(self.trainer.params, tensors[:n]):
+                p.copy_(t.to(p.device, p.dtype))
+            self.trainer.load_inner_state(int(meta.get("adam_steps", 0)), tensors[n:], int(meta.get("inner_step", 0)))
+        self.trainer.opt.zero_grad(set_to_none=True)
+        self.progress = Progress(global_hash=self._state_hash(), round=int(meta["round"]))
+
+    # ---- bookkeeping from the worker
+    def stepped(self, samples: int) -> None:
+        self.progress.round_steps += 1
+        self.progress.round_samples += samples
+
+    def due(self, lookahead: int = 0) -> bool:
+        if self.mode != "diloco" or self.progress.syncing:
+            return False
+        return round_due(self.progress, self.others, self.cfg.swarm.sync_every, self.cfg.swarm.sync_samples,
+                         lookahead)
+
+    def donors(self) -> list[str]:
+        if self.mode == "none" or self.progress.syncing:
+            return []
+        return choose_donors(self.me, self.progress, self.others)
+
+    # ---- a round
+    def _average(self, r: int, weight: float, refresh) -> tuple[dict | None, str]:
+        """Blocking: attempts until one completes or the round's deadline. Returns (gathered, outcome)."""
+        deadline = time.monotonic() + self.cfg.swarm.averaging_timeout
+        attempts, last_error = 0, ""
+        while time.monotonic() < deadline:
+            others = refresh()
+            if any(o.round > r and o.round_ok for o in others):
+                return None, "behind"
+            joinable = [o for o in others if o.round in (r - 1, r)]  # r - 1: about to publish round r
+            if not joinable:
+                return None, "alone"  # laggards further back recover from us instead
+            with self.averager.get_tensors() as tensors:
+                for t, mine in zip(tensors, self.own):
+                    t.copy_(mine)
+            self.averager.set_group_bits(round_bits(r))
+            self.averager.set_target_group_size(1 + len(joinable))
+            attempts += 1
+            budget = min(deadline - time.monotonic(), 3 * self.cfg.swarm.matchmaking_time + 1)
+            if budget <= self.cfg.swarm.matchmaking_time:
+                break
+            control = self.averager.step(weight=weight, gather={"round": r, "hash": self.progress.global_hash},
+                                         timeout=budget, allow_retries=False, wait=False)
+
+            def give_up():
+                now = refresh()
+                if any(o.round > r and o.round_ok for o in now) and not control.began_allreduce:
+                    return "the stage moved on"
+                return None
+
+            gathered, error = wait_step(control, give_up, poll=0.5, deadline=deadline + 5)
+            if gathered is not None:
+                return {str(k): v for k, v in gathered.items()}, f"averaged in {attempts} attempt(s)"
+            last_error = error
+            log.info(f"stage round {r}: attempt {attempts} failed: {error}")
+        return None, f"failed after {attempts} attempt(s): {last_error or 'no groupmates'}"
+
+    async def run_round(self, completed_samples: int, refresh, publish) -> dict | None:
+        """One round. diloco: outer step on the averaged pseudo-gradient. sync: average gradients (the caller then
+        steps AdamW with grads_are_mean). Returns the round's metrics, or None when this peer must recover."""
+        loop = asyncio.get_running_loop()
+        r, t0 = self.progress.round, time.monotonic()
+        self.progress.syncing = True
+        await publish()
+        samples = self.progress.round_samples if self.outer else completed_samples
+        if self.outer:
+            await self.compute.run(STEP, lambda: self.outer.pseudo_gradient(self.trainer.params, out=self.own))
+        else:
+            await self.compute.run(STEP, lambda: self.trainer.mean_gradients(completed_samples, self.own))
+        before = list(self.averager.traffic)
+        gathered, outcome = await loop.run_in_executor(None, self._average, r, float(max(samples, 1e-3)), refresh)
+        if outcome == "behind":
+            self.progress.syncing = False
+            log.warning(f"stage round {r}: the stage is ahead of this peer; recovering its state")
+            return None
+        averaged = gathered is not None
+        group_ok = True
+        if averaged:
+            votes = [(v.get("hash", ""), p) for p, v in gathered.items() if isinstance(v, dict)]
+            group_ok = majority_hash(votes) == self.progress.global_hash if votes else True
+            if not group_ok:
+                log.warning(f"stage round {r}: groupmates started from other weights; this peer's result won't vote")
+
+        def apply():
+            with self.averager.get_tensors() as tensors:
+                delta = [t.clone() for t in tensors] if averaged else [t.clone() for t in self.own]
+            norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta))
+            if self.outer:
+                self.outer.step(delta)
+                self.outer.load_into(self.trainer.params)
+            else:
+                self.trainer.set_gradients(delta)
+            return norm
+
+        norm = await self.compute.run(STEP, apply)
+        after = list(self.averager.traffic)
+        self.progress.round_ok = group_ok and (averaged or outcome == "alone")
+        metrics = {"round": r, "group_size": len(gathered) if averaged else 1, "outcome": outcome,
+                   "ok": self.progress.round_ok, "samples": samples, "pseudo_grad_norm" if self.outer else "grad_norm": norm,
+                   "bytes_sent": after[SENT] - before[SENT], "bytes_received": after[RECEIVED] - before[RECEIVED],
+                   "unaveraged_values": after[FAILED_VALUES] - before[FAILED_VALUES],
+                   "seconds": time.monotonic() - t0}
+        if self.outer:  # sync mode: the hash is taken after the AdamW step (end_sync_round)
+            self._finish_round(r + 1, metrics)
+            await publish()
+        return metrics
+
+    def _finish_round(self, next_round: int, metrics: dict) -> None:
+        self.progress.global_hash = self._state_hash()
+        self.progress.round, self.progress.round_steps, self.progress.round_samples = next_round, 0, 0
+        self.progress.syncing = False
+        metrics["weights_hash"] = self.progress.global_hash
+        self.rounds.append(metrics)
+
+    async def end_sync_round(self, metrics: dict, publish) -> None:
+        """sync mode, after the AdamW step on the averaged gradient: the new weights define the next round."""
+        await self.compute.run(STEP, lambda: self._finish_round(metrics["round"] + 1, metrics))
+        await publish()
+
+    # ---- recovery and joining
+    async def recover(self, donors: list[str], reason: str) -> bool:
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        timeout = max(30.0, self.cfg.swarm.averaging_timeout)
+        result = await loop.run_in_executor(None, self.averager.download_state, donors, self._num_state_tensors(),
+                                            timeout)
+        if result is None:
+            log.warning(f"could not download the stage state from {len(donors)} donor(s); will retry")
+            return False
+        meta, tensors = result
+        n = len(self.trainer.params)
+        if not isinstance(meta, dict) or meta.get("mode") != self.mode or not isinstance(meta.get("round"), int) \
+                or meta["round"] < 0 or tensors_hash(tensors[:n]) != meta.get("hash"):
+            log.warning("downloaded stage state is inconsistent (hash or metadata); discarded")
+            return False
+        await self.compute.run(STEP, lambda: self._apply_state(meta, tensors))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        event = {"reason": reason, "round": meta["round"], "hash": meta["hash"], "donors": len(donors),
+                 "bytes": nbytes, "seconds": time.monotonic() - t0}
+        self.recoveries.append(event)
+        log.warning(f"stage state recovered ({reason}): round {meta['round']}, weights {meta['hash']}, "
+                    f"{nbytes / 2**20:.1f} MiB from {len(donors)} donor(s) in {event['seconds']:.1f}s")
+        return True
+
+    def summary(self) -> dict:
+        return {"mode": self.mode, "round": self.progress.round, "global_hash": self.progress.global_hash,
+                "rounds": self.rounds, "recoveries": self.recoveries}
+
+    def shutdown(self) -> None:
+        if self.averager is not None and self.averager.is_alive():
+            self.averager.shutdown()
