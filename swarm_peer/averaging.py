@@ -21,6 +21,8 @@ import ctypes
 import logging
 import math
 import multiprocessing as mp
+import os
+import signal
 import time
 from typing import AsyncIterator, Callable, Optional
 
@@ -29,7 +31,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import AllreduceException, BannedException
-from hivemind.compression import deserialize_torch_tensor
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
@@ -38,6 +40,7 @@ from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 log = logging.getLogger("swarm_peer")
 SENT, RECEIVED, FAILED_VALUES = 0, 1, 2
+TEST_CRASH_ENV = "SWARM_PEER_TEST_CRASH_IN_ROUND"  # tests only: the peer kills itself while reducing in round N
 
 
 class ValueAllReduceRunner(AllReduceRunner):
@@ -51,6 +54,7 @@ class ValueAllReduceRunner(AllReduceRunner):
         self._own_infos = [info for _, info in container._input_parts_by_peer[own]]
         self._results: dict[int, runtime_pb2.Tensor] = {}  # part index -> the bytes every groupmate gets
         self._traffic = traffic
+        self.crash_hook: Optional[Callable[[], None]] = None  # tests: die as a reducer mid-round
 
     def _count(self, index: int, nbytes: int) -> None:
         if self._traffic is not None:
@@ -128,6 +132,8 @@ class ValueAllReduceRunner(AllReduceRunner):
                         sender_index, part_index, part, weight=message.weight)
                 except BannedException:
                     break
+                if self.crash_hook is not None:
+                    self.crash_hook()
                 result = await loop.run_in_executor(None, self._result, part_index, averaged)
                 part_index += 1
                 self._count(SENT, len(result.buffer))
@@ -153,6 +159,8 @@ class StageAverager(DecentralizedAverager):
                                       prefix=self.prefix, tensors=tensors, group_id=group_id,
                                       ordered_peer_ids=group_info.peer_ids, **kwargs)
         self._running_groups[group_id].set_result(runner)
+        if os.environ.get(TEST_CRASH_ENV) and self._my_gathered(group_info).get("round") == int(os.environ[TEST_CRASH_ENV]):
+            runner.crash_hook = lambda: os.killpg(os.getpgid(0), signal.SIGKILL)  # kill -9 of the whole peer
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             raise AllreduceException("stage averagers never run as auxiliaries")
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
@@ -164,6 +172,12 @@ class StageAverager(DecentralizedAverager):
             raise AllreduceException(f"partial round: {failed} of {runner.tensor_part_container.total_size} "
                                      f"values were not averaged (a reducer failed)")
 
+    def _my_gathered(self, group_info) -> dict:
+        """What this peer passed as `gather` to step() (the caller's round number, hash, ...)."""
+        _, _, user_bytes = self.serializer.loads(group_info.gathered[group_info.peer_ids.index(self.peer_id)])
+        data = self.serializer.loads(user_bytes)
+        return data if isinstance(data, dict) else {}
+
     def set_target_group_size(self, size: int, timeout: float = 30.0) -> None:
         """A group of `size` starts as soon as it is complete instead of waiting out the matchmaking time."""
         future = MPFuture()
@@ -173,6 +187,7 @@ class StageAverager(DecentralizedAverager):
     async def _set_target_group_size(self, size: int, future: MPFuture):
         self._matchmaking.target_group_size = size
         self._matchmaking.potential_leaders.target_group_size = size
+        self._matchmaking.group_key_manager.target_group_size = size  # its post-round key shuffle samples this many
         future.set_result(None)
 
     # ------------------------------------------------------------------------------------- state sharing
@@ -221,7 +236,7 @@ class StageAverager(DecentralizedAverager):
     async def _download_from(self, donors: list[str], num_tensors: int, timeout: float):
         peers = [PeerID.from_base58(d) for d in donors if d != str(self.peer_id)]
         tensors: dict[int, torch.Tensor] = {}
-        metadata_seen: set[bytes] = set()
+        versions, first_metadata = set(), None  # every donor must serve the same (round, hash)
         todo = list(range(num_tensors))
         while todo and peers:
             shares = {peer: todo[i::len(peers)] for i, peer in enumerate(peers)}
@@ -233,12 +248,15 @@ class StageAverager(DecentralizedAverager):
                     peers.remove(peer)
                     continue
                 metadata, got = result
-                metadata_seen.add(metadata)
+                first_metadata = first_metadata or metadata
+                versions.add((metadata.get("round"), metadata.get("hash")))
                 tensors.update(zip(share, got))
             todo = [i for i in range(num_tensors) if i not in tensors]
-        if todo or len(metadata_seen) != 1:
-            return None  # donors gone, or they disagreed (one moved to a newer round): the caller retries
-        return self.serializer.loads(metadata_seen.pop()), [tensors[i] for i in range(num_tensors)]
+        if todo:
+            raise RuntimeError("every donor failed")
+        if len(versions) != 1:
+            raise RuntimeError(f"donors served different versions {sorted(map(str, versions))}")
+        return first_metadata, [tensors[i] for i in range(num_tensors)]
 
     async def _fetch(self, peer: PeerID, indices: list[int], timeout: float):
         request = runtime_pb2.ExpertRequest(metadata=msgpack.packb(indices))
@@ -256,12 +274,11 @@ class StageAverager(DecentralizedAverager):
             tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
         if not metadata or len(tensors) != len(indices):
             return None
-        return metadata, tensors
+        metadata = self.serializer.loads(metadata)
+        return (metadata, tensors) if isinstance(metadata, dict) else None
 
 
 def _serialize_state(compression, tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    from hivemind.compression import CompressionInfo
-
     return compression.compress(tensor, CompressionInfo.from_tensor(tensor), allow_inplace=False)
 
 

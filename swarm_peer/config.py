@@ -114,6 +114,7 @@ class SwarmConfig(_Section):
     matchmaking_time: float = Field(3.0, gt=0.0)  # how long a group leader waits for stage peers (hivemind)
     averaging_timeout: float = Field(60.0, gt=0.0)  # one round, every attempt; then a lone step + recovery
     averaging_chunk_timeout: float = Field(15.0, gt=0.0)  # a groupmate silent this long is dropped from the round
+    finish_timeout: float = Field(1800.0, gt=0.0)  # a peer done training keeps syncing this long for its stage peers
     max_inflight: int = Field(4, gt=0)  # microbatches a peer holds at once (backpressure)
     announce_period: float = Field(2.0, gt=0.0)  # seconds between DHT record refreshes
     record_ttl: float = Field(20.0, gt=0.0)  # DHT record expiration, seconds

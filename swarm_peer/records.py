@@ -22,7 +22,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
-STATES = ("online", "finished", "offline")
+STATES = ("online", "idle", "finished", "offline")  # idle: done training, still syncing with its stage
 
 
 class StageRecord(pydantic.BaseModel):
@@ -30,7 +30,7 @@ class StageRecord(pydantic.BaseModel):
     stage: pydantic.conint(strict=True, ge=0, le=1024)
     fingerprint: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")
     config_summary: pydantic.constr(strict=True, max_length=200)  # human-readable, to name a mismatch
-    state: pydantic.constr(strict=True, regex="^(online|finished|offline)$")
+    state: pydantic.constr(strict=True, regex="^(online|idle|finished|offline)$")
     client_mode: pydantic.StrictBool
     queue: pydantic.conint(strict=True, ge=0, le=1_000_000)  # microbatches waiting for admission/compute
     inflight: pydantic.conint(strict=True, ge=0, le=1_000_000)  # admitted, not yet finished

@@ -86,7 +86,7 @@ class StageWorker:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def announce_loop(self) -> None:
-        while self.state == "online":
+        while self.state in ("online", "idle"):
             try:
                 await self._in_thread(self.announcer.publish, self.record())
             except Exception as e:
@@ -95,7 +95,7 @@ class StageWorker:
 
     async def discover_loop(self) -> None:
         """Refresh the next stage's candidates (routing) and the previous stage's liveness (end of run)."""
-        while self.state == "online":
+        while self.state in ("online", "idle"):
             if not self.spec.is_last:
                 peers = await self._in_thread(read_stage_records, self.dht, self.run_id, self.stage + 1)
                 self.router.update([self._candidate(p.record) for p in peers if self._usable(p.record)])
@@ -137,7 +137,7 @@ class StageWorker:
     async def sync_watch_loop(self) -> None:
         """Close the window when a round is due (someone started it) or this peer's weights must be recovered; the
         stepper acts once in-flight microbatches drain."""
-        while self.state == "online":
+        while self.state in ("online", "idle"):
             await self._in_thread(self._refresh_stage)
             if not self.sync.progress.syncing and (self.sync.due() or self.sync.donors()):
                 self.window.close()
@@ -161,6 +161,7 @@ class StageWorker:
         self.sync.progress.round_ok = True
 
     async def _round(self) -> None:
+        self.window.close()  # queued requests get "busy" now instead of timing out during the round
         metrics = await self.sync.run_round(0, self._refresh_stage, self._publish_now)
         if metrics is None:
             self._recover_wanted = True
@@ -173,6 +174,26 @@ class StageWorker:
               f"{'ok' if m['ok'] else 'NOT agreed'} ({m['outcome']}), norm {norm:.4f}, "
               f"sent {m['bytes_sent'] / 2**20:.2f} MiB, received {m['bytes_received'] / 2**20:.2f} MiB, "
               f"{m['seconds']:.2f}s, weights {m['weights_hash']}", flush=True)
+
+    async def finish_with_stage(self) -> None:
+        """Done training: stay in the stage's rounds (idle) until none of its peers trains any more, then run a final
+        round if any work is unmerged. So every peer of a stage ends on the same global model."""
+        self.state, self.sync.training = "idle", False
+        await self._publish_now()
+        deadline = time.monotonic() + self.cfg.swarm.finish_timeout
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            await self._in_thread(self._refresh_stage)
+            if not any(o.state == "online" for o in self.sync.others):
+                if not self.sync.unmerged_work():
+                    return
+                try:
+                    await asyncio.wait_for(self.request_round(), 3 * self.cfg.swarm.averaging_timeout)
+                except asyncio.TimeoutError:
+                    log.warning(f"stage {self.stage}: the final round did not complete; leaving")
+                    return
+                continue
+            await asyncio.sleep(0.5)
+        log.warning(f"stage {self.stage}: stage peers still training after {self.cfg.swarm.finish_timeout:g}s; leaving")
 
     async def request_round(self) -> None:
         """Ask the stepper for a round now (end of run) and wait until it has run it."""
@@ -292,6 +313,7 @@ class StageWorker:
             completed = await self.window.wait_full()
             averaged = None
             if self.sync.mode == "sync" and (completed > 0 or self.sync.others):
+                self.window.close()  # queued requests get "busy" now instead of timing out during the round
                 averaged = await self.sync.run_round(completed, self._refresh_stage, self._publish_now)
                 self._recover_wanted |= averaged is None
             if averaged is not None or not self._recover_wanted:
@@ -311,7 +333,7 @@ class StageWorker:
                 await self._publish_now()
                 await self._in_thread(self._refresh_stage)
             waiters, self._sync_waiters = self._sync_waiters, []
-            if self.sync.mode == "diloco" and (self.sync.due() or (waiters and self.sync.progress.round_steps)):
+            if self.sync.mode == "diloco" and (self.sync.due() or (waiters and self.sync.unmerged_work())):
                 await self._round()
             donors = self.sync.donors()
             if donors or self._recover_wanted:
@@ -321,6 +343,8 @@ class StageWorker:
                 if not future.done():
                     future.set_result(None)
             self.window.reopen()
+            if self._sync_waiters:  # asked for during this iteration: close again (nothing admitted: no step)
+                self.window.close()
 
     def _top_peers(self) -> list[str]:
         others = [o for o in self.sync.others if o.round_ok]
@@ -415,8 +439,8 @@ class StageWorker:
                     if self.window.admitted == 0:
                         break
                     await asyncio.sleep(0.1)
-            if self.sync.mode == "diloco" and self.sync.progress.round_steps and not self.stop_event.is_set():
-                await asyncio.wait_for(self.request_round(), 3 * self.cfg.swarm.averaging_timeout)  # final round
+            if self.sync.mode == "diloco" and not self.stop_event.is_set():
+                await self.finish_with_stage()
         finally:
             self.wall = time.monotonic() - self.started
             self.state = "offline" if self.stop_event.is_set() else "finished"

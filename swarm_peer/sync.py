@@ -56,17 +56,21 @@ class Progress:
 
 # --------------------------------------------------------------------------------------------- pure decisions
 def stage_peers(me: str, records: list[StageRecord], fingerprint: str) -> list[StageRecord]:
-    return [r for r in records if r.peer_id != me and r.state == "online" and r.fingerprint == fingerprint]
+    """The stage's other peers that take part in rounds: training (online) or done training but syncing (idle)."""
+    return [r for r in records if r.peer_id != me and r.state in ("online", "idle") and r.fingerprint == fingerprint]
 
 
 def round_due(me: Progress, others: list[StageRecord], every: int, samples_target: int | None,
-              lookahead: int = 0) -> bool:
-    """Is my round due? `others`: the stage's other online peers. `lookahead` inner steps per peer: "almost due"
-    (then the worker publishes and re-reads progress at every step, so the trigger lags by less than a step)."""
-    same = [r for r in others if r.round == me.round]
-    if any(r.syncing for r in same):
+              lookahead: int = 0, training: bool = True) -> bool:
+    """Is my round due? `others`: the stage's other peers (stage_peers). Only training peers count towards H;
+    `lookahead` inner steps per peer: "almost due" (then the worker publishes and re-reads progress at every
+    step, so the trigger lags by less than a step)."""
+    if any(r.syncing and r.round == me.round for r in others):
         return True  # someone has started this round: join it now
-    n = 1 + len(same)
+    same = [r for r in others if r.round == me.round and r.state == "online"]
+    n = len(same) + int(training)
+    if n == 0:
+        return False
     if samples_target:
         samples = me.round_samples + sum(r.round_samples for r in same)
         return samples + lookahead * n * max(1, me.round_samples // max(1, me.round_steps)) >= samples_target
@@ -114,6 +118,7 @@ class StageSync:
         self.outer = OuterOptimizer(trainer.params, cfg.optim.outer) if self.mode == "diloco" else None
         self.progress = Progress(global_hash=self._state_hash())
         self.others: list[StageRecord] = []
+        self.training = True  # False once this peer is done training (it still takes part in rounds)
         self.rounds: list[dict] = []
         self.recoveries: list[dict] = []
         self.averager = None
@@ -123,7 +128,7 @@ class StageSync:
             self.own = [torch.zeros_like(b) for b in self.buffers]  # my contribution, refilled before each attempt
             self.averager = StageAverager(
                 self.buffers, dht, get_state=self._state_for_download, prefix=f"{run_id}_avg{stage}", start=True,
-                min_group_size=2, target_group_size=2, initial_group_bits=round_bits(0),
+                min_group_size=2, target_group_size=None, initial_group_bits=round_bits(0),
                 min_matchmaking_time=sw.matchmaking_time, request_timeout=max(0.2, 0.5 * sw.matchmaking_time),
                 compression=compression_strategy(sw.compression.averaging), allreduce_timeout=sw.averaging_timeout,
                 next_chunk_timeout=sw.averaging_chunk_timeout, client_mode=False, declare_state_period=10)
@@ -171,7 +176,12 @@ class StageSync:
         if self.mode != "diloco" or self.progress.syncing:
             return False
         return round_due(self.progress, self.others, self.cfg.swarm.sync_every, self.cfg.swarm.sync_samples,
-                         lookahead)
+                         lookahead, training=self.training)
+
+    def unmerged_work(self) -> bool:
+        """Has anyone in my round (me included) done inner steps that no outer step has merged yet?"""
+        return self.progress.round_steps > 0 or any(
+            o.round == self.progress.round and o.round_steps > 0 for o in self.others)
 
     def donors(self) -> list[str]:
         if self.mode == "none" or self.progress.syncing:
@@ -223,12 +233,13 @@ class StageSync:
         self.progress.syncing = True
         await publish()
         samples = self.progress.round_samples if self.outer else completed_samples
+        weight = float(samples) if samples > 0 else 0.0  # an idle peer's Δ = 0 must not dilute the average
         if self.outer:
             await self.compute.run(STEP, lambda: self.outer.pseudo_gradient(self.trainer.params, out=self.own))
         else:
             await self.compute.run(STEP, lambda: self.trainer.mean_gradients(completed_samples, self.own))
         before = list(self.averager.traffic)
-        gathered, outcome = await loop.run_in_executor(None, self._average, r, float(max(samples, 1e-3)), refresh)
+        gathered, outcome = await loop.run_in_executor(None, self._average, r, weight, refresh)
         if outcome == "behind":
             self.progress.syncing = False
             log.warning(f"stage round {r}: the stage is ahead of this peer; recovering its state")
@@ -242,8 +253,12 @@ class StageSync:
                 log.warning(f"stage round {r}: groupmates started from other weights; this peer's result won't vote")
 
         def apply():
+            nonlocal averaged
             with self.averager.get_tensors() as tensors:
                 delta = [t.clone() for t in tensors] if averaged else [t.clone() for t in self.own]
+            if averaged and not all(torch.isfinite(d).all() for d in delta):  # e.g. every groupmate had weight 0
+                log.warning(f"stage round {r}: the average is not finite; applying this peer's own update")
+                delta, averaged = [t.clone() for t in self.own], False
             norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta))
             if self.outer:
                 self.outer.step(delta)

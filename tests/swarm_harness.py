@@ -12,7 +12,8 @@ from tests.conftest import PYTHON, ROOT
 # a small, fast model: every multi-process test uses it unless it says otherwise
 FAST = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=4", "model.max_position_embeddings=64",
         "data.seq_len=32", "data.batch_size=8", "data.microbatch_size=2", "data.max_tokens=200000",
-        "run.threads=1", "optim.inner.warmup_steps=2", "swarm.announce_period=0.5", "swarm.record_ttl=6"]
+        "run.threads=1", "optim.inner.warmup_steps=2", "swarm.announce_period=0.5", "swarm.record_ttl=6",
+        "swarm.matchmaking_time=2", "swarm.averaging_timeout=30", "swarm.averaging_chunk_timeout=5"]
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -29,7 +30,7 @@ class Swarm:
         self.procs: dict[str, subprocess.Popen] = {}
         self.bootstrap: str | None = None
 
-    def start(self, name: str, stage: int, *extra: str) -> subprocess.Popen:
+    def start(self, name: str, stage: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
         args = [PYTHON, "-m", "swarm_peer", "--stage", str(stage), "--run-id", self.run_id,
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(self.tmp / f"{name}.maddrs"),
                 "--summary-json", str(self.tmp / f"{name}.json")]
@@ -39,7 +40,7 @@ class Swarm:
             args += ["--initial-peers", self.bootstrap]
         args += list(extra)
         log = open(self.tmp / f"{name}.log", "w")
-        env = {**os.environ, "HIVEMIND_LOGLEVEL": "WARNING"}
+        env = {**os.environ, "HIVEMIND_LOGLEVEL": "WARNING", **(env or {})}
         proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env)
         self.procs[name] = proc

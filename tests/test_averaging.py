@@ -1,0 +1,84 @@
+"""StageAverager on real hivemind DHTs and averager processes (loopback): bit-identical weighted averages for every
+codec, and multi-donor state download with failover."""
+import pytest
+import torch
+from hivemind import DHT
+
+from swarm_peer.averaging import StageAverager
+from swarm_peer.compression import compression_strategy
+from swarm_peer.diloco import tensors_hash, weighted_mean
+
+pytestmark = pytest.mark.slow
+
+
+def _start(n, tensors_per_peer, codec="fp32", states=None, prefix="avgtest"):
+    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dhts = [first] + [DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                          initial_peers=[str(m) for m in first.get_visible_maddrs()]) for _ in range(n - 1)]
+    averagers = []
+    for i, dht in enumerate(dhts):
+        state = states[i] if states else ({"round": 0}, [])
+        averagers.append(StageAverager(
+            tensors_per_peer[i], dht, get_state=lambda s=state: s, prefix=prefix, start=True, min_group_size=2,
+            target_group_size=n, min_matchmaking_time=2.0, request_timeout=1.0,
+            compression=compression_strategy(codec), allreduce_timeout=30, next_chunk_timeout=10,
+            declare_state_period=5))
+    return dhts, averagers
+
+
+def _stop(dhts, averagers):
+    for a in averagers:
+        if a.is_alive():
+            a.shutdown()
+    for d in dhts:
+        d.shutdown()
+
+
+@pytest.mark.parametrize("codec, tol", [("fp32", 1e-6), ("fp16", 2e-3), ("8bit", 0.15)])
+def test_groupmates_get_bit_identical_weighted_averages(codec, tol):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(300, 200), (77,), (5, 9, 11)]
+    inputs = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    weights = [10.0, 30.0, 5.0]
+    dhts, averagers = _start(3, [[t.clone() for t in ts] for ts in inputs], codec)
+    try:
+        controls = [a.step(weight=w, gather={"i": i}, timeout=30, allow_retries=False, wait=False)
+                    for i, (a, w) in enumerate(zip(averagers, weights))]
+        gathered = [c.result(60) for c in controls]
+        assert all(len(g) == 3 for g in gathered)
+        results = []
+        for a in averagers:
+            with a.get_tensors() as ts:
+                results.append([t.clone() for t in ts])
+        # every groupmate holds the same bits, for every codec
+        assert len({tensors_hash(r) for r in results}) == 1
+        want = weighted_mean(inputs, weights)
+        for got, ref in zip(results[0], want):
+            rel = float((got - ref).norm() / ref.norm())
+            assert rel < tol, (codec, rel)
+        assert all(a.traffic[0] > 0 and a.traffic[1] > 0 for a in averagers)
+    finally:
+        _stop(dhts, averagers)
+
+
+def test_multi_donor_download_with_a_dead_donor():
+    gen = torch.Generator().manual_seed(1)
+    state = [torch.randn(64, 32, generator=gen) for _ in range(7)]
+    meta = {"round": 3, "hash": tensors_hash(state)}
+    good = (meta, state)
+    dhts, averagers = _start(4, [[torch.zeros(4)] for _ in range(4)], states=[good, good, good, ({"round": 0}, [])],
+                             prefix="dltest")
+    try:
+        donors = [str(d.peer_id) for d in dhts[:3]]
+        got = averagers[3].download_state(donors, len(state), timeout=30)
+        assert got is not None
+        got_meta, tensors = got
+        assert got_meta == meta and tensors_hash(tensors) == meta["hash"]
+        averagers[1].shutdown()  # a donor gone: its share comes from the others
+        dhts[1].shutdown()
+        got = averagers[3].download_state(donors, len(state), timeout=30)
+        assert got is not None and tensors_hash(got[1]) == meta["hash"]
+        # a peer that shares nothing (round -1 marker / empty state) is no donor
+        assert averagers[0].download_state([str(dhts[3].peer_id)], len(state), timeout=10) is None
+    finally:
+        _stop(dhts, averagers)

@@ -1,0 +1,140 @@
+"""Stage-local DiLoCo (and sync mode) across real peers: separate OS processes, real hivemind DHT/P2P/averagers."""
+import time
+
+import pytest
+
+from swarm_peer.averaging import TEST_CRASH_ENV
+from tests.swarm_harness import Swarm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def swarm_factory(tmp_path, cache_dir):
+    swarms = []
+
+    def make(run_id, overrides=()):
+        s = Swarm(tmp_path, run_id, list(overrides), cache_dir)
+        swarms.append(s)
+        return s
+
+    yield make
+    for s in swarms:
+        leftovers = s.cleanup()
+        assert not leftovers, f"processes outlived their peers: {leftovers}"
+
+
+def _rounds(summary) -> dict[int, dict]:
+    return {r["round"]: r for r in summary["sync"]["rounds"]}
+
+
+def _assert_stage_agrees(summaries: list[dict]) -> int:
+    """Every round that two peers both completed left them with the same weights; returns the common rounds."""
+    by_peer = [_rounds(s) for s in summaries]
+    common = set.intersection(*(set(r) for r in by_peer))
+    for r in common:
+        hashes = {p[r]["weights_hash"] for p in by_peer if p[r]["ok"]}
+        assert len(hashes) <= 1, (r, [p[r] for p in by_peer])
+    assert len({s["sync"]["global_hash"] for s in summaries}) == 1, [s["sync"] for s in summaries]
+    assert len({s["final_weights_hash"] for s in summaries}) == 1
+    return len(common)
+
+
+def _start_pipeline(swarm, stage1_peers, stage0_peers, steps, extra=()):
+    for p in range(stage1_peers):
+        swarm.start(f"s1p{p}", 1, "--max-steps", str(steps), *extra)
+        swarm.wait_ready(f"s1p{p}")
+    for p in range(stage0_peers):  # all at once: a lone stage-0 peer could finish before the others start
+        swarm.start(f"s0p{p}", 0, "--data-shard", f"{p}/{stage0_peers}", "--max-steps", str(steps), *extra)
+
+
+def _wait_all(swarm, names, timeout=300):
+    for name in names:
+        assert swarm.wait_exit(name, timeout) == 0, swarm.log(name)[-4000:]
+    return {n: swarm.summary(n) for n in names}
+
+
+def _falls(curve, margin=0.5):
+    losses = [loss for _, loss in curve]
+    return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - margin
+
+
+def test_diloco_two_by_two_rounds_agree_and_loss_falls(swarm_factory):
+    swarm = swarm_factory("diloco", ["swarm.num_stages=2", "swarm.sync_every=4", "optim.inner.lr=3e-3"])
+    _start_pipeline(swarm, 2, 2, steps=24)
+    s = _wait_all(swarm, ["s0p0", "s0p1", "s1p0", "s1p1"])
+    for stage in ("s0", "s1"):
+        peers = [s[f"{stage}p0"], s[f"{stage}p1"]]
+        common = _assert_stage_agrees(peers)
+        assert common >= 3, [p["sync"]["rounds"] for p in peers]
+        for r in peers[0]["sync"]["rounds"]:
+            assert r["group_size"] == 2 and r["ok"] and r["bytes_sent"] > 0 and r["pseudo_grad_norm"] > 0, r
+        print(stage, "rounds:", [(r["round"], r["samples"], round(r["seconds"], 2)) for r in peers[0]["sync"]["rounds"]])
+    assert s["s0p0"]["sync"]["global_hash"] != s["s1p0"]["sync"]["global_hash"]  # stages sync independently
+    assert _falls(s["s0p0"]["loss_curve"]) and _falls(s["s1p1"]["loss_curve"])
+
+
+def test_joiner_downloads_state_and_takes_part_in_rounds(swarm_factory):
+    swarm = swarm_factory("joiner", ["swarm.num_stages=2", "swarm.sync_every=3"])
+    # stage 0 slowed down (test-only delay per microbatch) so the run outlasts the joiner's start-up
+    _start_pipeline(swarm, 2, 0, steps=60)
+    swarm.start("s0p0", 0, "--max-steps", "60", "--test-delay", "0.1")
+    deadline = time.monotonic() + 180
+    while "round 1 -> 2" not in swarm.log("s1p0"):
+        assert time.monotonic() < deadline and swarm.procs["s0p0"].poll() is None, swarm.log("s1p0")[-3000:]
+        time.sleep(0.3)
+    swarm.start("s1p2", 1, "--max-steps", "60")
+    s = _wait_all(swarm, ["s0p0", "s1p0", "s1p1", "s1p2"])
+    joiner = s["s1p2"]["sync"]
+    assert joiner["recoveries"] and joiner["recoveries"][0]["reason"] == "joining the stage", joiner
+    assert joiner["recoveries"][0]["round"] >= 2
+    assert any(r["group_size"] == 3 for r in joiner["rounds"]), joiner["rounds"]
+    _assert_stage_agrees([s["s1p0"], s["s1p1"], s["s1p2"]])
+
+
+def test_peer_killed_while_averaging(swarm_factory):
+    swarm = swarm_factory("killavg", ["swarm.num_stages=2", "swarm.sync_every=3"])
+    for p in range(3):
+        env = {TEST_CRASH_ENV: "1"} if p == 2 else None  # dies as a reducer in the middle of round 1
+        swarm.start(f"s1p{p}", 1, "--max-steps", "30", env=env)
+        swarm.wait_ready(f"s1p{p}")
+    swarm.start("s0p0", 0, "--max-steps", "30")
+    assert swarm.procs["s1p2"].wait(240) == -9, swarm.log("s1p2")[-3000:]
+    s = _wait_all(swarm, ["s0p0", "s1p0", "s1p1"])
+    survivors = [s["s1p0"], s["s1p1"]]
+    assert _assert_stage_agrees(survivors) >= 3
+    round1 = [_rounds(p)[1] for p in survivors]
+    print("round 1 on the survivors:", round1)
+    assert all(r["ok"] and r["group_size"] == 2 for r in round1)  # completed by the two survivors
+    assert all(r["unaveraged_values"] > 0 or "1 attempt" not in r["outcome"] for r in round1)  # after a failed try
+    assert all(r["group_size"] == 3 for r in (_rounds(p)[0] for p in survivors))
+    assert s["s0p0"]["inner_steps"] == 30
+
+
+def test_sync_mode_averages_gradients_every_step(swarm_factory):
+    swarm = swarm_factory("syncmode", ["swarm.num_stages=2", "swarm.sync_mode=sync", "swarm.matchmaking_time=1"])
+    _start_pipeline(swarm, 2, 2, steps=10)
+    s = _wait_all(swarm, ["s0p0", "s0p1", "s1p0", "s1p1"])
+    for stage in ("s0", "s1"):
+        peers = [s[f"{stage}p0"], s[f"{stage}p1"]]
+        # identical replicas after every step they averaged together; a peer that missed a step (e.g. it started
+        # later than its stage peer) downloaded the stage state instead
+        assert _assert_stage_agrees(peers) >= 5
+        for p in peers:
+            rounds = p["sync"]["rounds"]
+            print(stage, [(r["round"], r["group_size"], r["outcome"]) for r in rounds], p["sync"]["recoveries"])
+            assert all("grad_norm" in r for r in rounds)
+            assert sum(r["group_size"] == 2 for r in rounds) >= 0.6 * p["inner_steps"]
+            assert len(rounds) + sum(1 for e in p["sync"]["recoveries"]) >= p["inner_steps"] - 1
+
+
+def test_diloco_h1_lr1_no_momentum_is_parameter_averaging_every_step(swarm_factory):
+    swarm = swarm_factory("h1", ["swarm.num_stages=2", "swarm.sync_every=1", "optim.outer.lr=1.0",
+                                 "optim.outer.momentum=0.0", "swarm.matchmaking_time=1"])
+    _start_pipeline(swarm, 2, 2, steps=10)
+    s = _wait_all(swarm, ["s0p0", "s0p1", "s1p0", "s1p1"])
+    for stage in ("s0", "s1"):
+        peers = [s[f"{stage}p0"], s[f"{stage}p1"]]
+        _assert_stage_agrees(peers)
+        for p in peers:  # H is a stage average: about one round per inner step
+            assert len(p["sync"]["rounds"]) >= 0.6 * p["inner_steps"], p["sync"]["rounds"]

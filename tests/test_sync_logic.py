@@ -1,0 +1,70 @@
+"""The pure decisions of sync.py: when a round is due, which hash is the stage's, whom to download from."""
+from swarm_peer.records import StageRecord
+from swarm_peer.routing import Candidate, Router
+from swarm_peer.sync import Progress, choose_donors, majority_hash, round_bits, round_due, stage_peers
+
+H1, H2, H3 = "1111111111111111", "2222222222222222", "3333333333333333"
+
+
+def rec(peer_id, round=0, steps=0, samples=0, syncing=False, hash=H1, ok=True, state="online", fp="0123456789abcdef"):
+    return StageRecord(peer_id=peer_id, stage=1, fingerprint=fp, config_summary="t", state=state, client_mode=False,
+                       queue=0, inflight=0, max_inflight=4, throughput=1.0, inner_step=0, samples=0, round=round,
+                       round_steps=steps, round_samples=samples, syncing=syncing, global_hash=hash, round_ok=ok)
+
+
+def test_round_is_due_on_the_stage_average_not_on_one_peer():
+    me = Progress(global_hash=H1, round=2, round_steps=12, round_samples=12 * 8)
+    slow = [rec("b", round=2, steps=4)]
+    assert not round_due(me, slow, every=10, samples_target=None)  # (12 + 4) / 2 < 10: keep going
+    assert round_due(me, [rec("b", round=2, steps=8)], every=10, samples_target=None)  # (12 + 8) / 2 = 10
+    # peers in other rounds don't count (they are recovering or about to publish)
+    assert round_due(me, [rec("b", round=1, steps=0)], every=10, samples_target=None)
+    # someone already averaging this round: join now, whatever the counts
+    assert round_due(Progress(global_hash=H1, round=2, round_steps=1), [rec("b", round=2, steps=1, syncing=True)],
+                     every=10, samples_target=None)
+    # an explicit sample target for the whole stage
+    assert not round_due(me, slow, every=10, samples_target=200)
+    assert round_due(me, [rec("b", round=2, samples=104)], every=10, samples_target=200)
+    # lookahead: one more step each and it is due
+    assert round_due(Progress(global_hash=H1, round=0, round_steps=9), [rec("b", steps=9)], 10, None, lookahead=1)
+    assert not round_due(Progress(global_hash=H1, round=0, round_steps=8), [rec("b", steps=9)], 10, None, lookahead=1)
+
+
+def test_majority_and_ties():
+    assert majority_hash([(H1, "c"), (H2, "a"), (H1, "b")]) == H1
+    assert majority_hash([(H1, "c"), (H2, "a")]) == H2  # tie: the smallest peer id's hash, the same for everyone
+    assert majority_hash([(H3, "z")]) == H3
+
+
+def test_choose_donors():
+    me = Progress(global_hash=H2, round=5)
+    # outvoted at the same round: download from the majority holders
+    assert choose_donors("m", me, [rec("a", round=5, hash=H1), rec("b", round=5, hash=H1)]) == ["a", "b"]
+    # agreeing: nothing to do
+    assert choose_donors("m", Progress(global_hash=H1, round=5), [rec("a", round=5, hash=H1)]) == []
+    # behind the stage: download even if the hash once matched
+    assert choose_donors("m", Progress(global_hash=H1, round=4), [rec("a", round=5, hash=H1)]) == ["a"]
+    # ahead of everyone: they catch up from me
+    assert choose_donors("m", Progress(global_hash=H1, round=6), [rec("a", round=5, hash=H2)]) == []
+    # a failed round does not vote: my result loses to a completed one even 1 vs 1
+    failed = Progress(global_hash=H2, round=5, round_ok=False)
+    assert choose_donors("a", failed, [rec("z", round=5, hash=H1)]) == ["z"]
+    # peers that failed their round are no donors and no voters
+    assert choose_donors("m", me, [rec("a", round=5, hash=H1, ok=False)]) == []
+    # 1 vs 1, both completed: the deterministic tie-break decides, and both sides agree on it
+    assert choose_donors("b", Progress(global_hash=H2, round=5), [rec("a", round=5, hash=H1)]) == ["a"]
+    assert choose_donors("a", Progress(global_hash=H1, round=5), [rec("b", round=5, hash=H2)]) == []
+
+
+def test_stage_peers_filters_self_offline_and_other_configs():
+    recs = [rec("me"), rec("a"), rec("b", state="finished"), rec("c", fp="ffffffffffffffff")]
+    assert [r.peer_id for r in stage_peers("me", recs, "0123456789abcdef")] == ["a"]
+    assert round_bits(3) == "0000000000000011" and round_bits(65536 + 3) == round_bits(3)
+
+
+def test_router_avoids_syncing_peers_unless_all_are():
+    router = Router(4)
+    router.update([Candidate("a", throughput=10, syncing=True), Candidate("b", throughput=1)])
+    assert {router.choose() for _ in range(50)} == {"b"}
+    router.update([Candidate("a", throughput=10, syncing=True)])
+    assert router.choose() == "a"
