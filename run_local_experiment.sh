@@ -140,8 +140,10 @@ rows = []
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "stage*_peer*.json"))):
     s = json.load(open(path))
     loss = f"{s['loss_curve'][-1][1]:.4f}" if s["loss_curve"] else "-"
+    sync = s.get("sync", {})
     rows.append(f"{os.path.basename(path)[:-5]:<16} steps {s['inner_steps']:>5}  samples {s['samples']:>7}  "
-                f"tok/s {s['tokens_per_s']:>8,.0f}  last loss {loss:>7}  retries {s['retries']}  weights {s['final_weights_hash']}")
+                f"tok/s {s['tokens_per_s']:>8,.0f}  last loss {loss:>7}  retries {s['retries']}  "
+                f"{sync.get('mode', '-')} rounds {len(sync.get('rounds', []))}  global {sync.get('global_hash', '-')}")
 print("\n".join(rows) if rows else "no peer summaries written")
 EOF
 echo "run $RUN_ID finished; summaries in $DIR/"

@@ -170,7 +170,7 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
         worker = StageWorker(cfg, args.stage, dht, p2p, args.run_id, local_public_key(validators), device, sampler,
                              client_mode=args.client_mode, test_delay=args.test_delay)
         # adopt the stage's current weights (DiLoCo state) before serving or announcing anything
-        loop.run(worker.join_stage(), timeout=15 * max(30.0, cfg.swarm.averaging_timeout))
+        loop.run(worker.sync.join(worker._refresh_stage), timeout=15 * max(30.0, cfg.swarm.averaging_timeout))
         if args.stage != 0:
             loop.run(worker.servicer().add_p2p_handlers(p2p, namespace=args.run_id), timeout=30)
         print(f"[stage {args.stage}] peer {dht.peer_id} serving layers [{worker.spec.start}:{worker.spec.end}] of "

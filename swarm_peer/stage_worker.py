@@ -26,7 +26,7 @@ from swarm_peer.data import Microbatch, ShardSampler
 from swarm_peer.model import stage_fingerprint, stage_spec
 from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
-from swarm_peer.sync import StageSync, stage_peers
+from swarm_peer.sync import StageSync, format_round, stage_peers
 from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
 
 log = logging.getLogger("swarm_peer")
@@ -141,24 +141,7 @@ class StageWorker:
             await self._in_thread(self._refresh_stage)
             if not self.sync.progress.syncing and (self.sync.due() or self.sync.donors()):
                 self.window.close()
-            await asyncio.sleep(0.5)
-
-    async def join_stage(self) -> None:
-        """Before serving: adopt the stage's current state from its peers; the first peer keeps the seeded init."""
-        others = await self._in_thread(self._refresh_stage)
-        if self.sync.mode == "none" or not others:
-            log.info(f"stage {self.stage}: no stage peers online; starting from the seeded init")
-            return
-        self.sync.progress.round_ok = False  # not a voter until it holds the stage's state
-        for _ in range(10):
-            donors = self.sync.donors()
-            if not donors or await self.sync.recover(donors, "joining the stage"):
-                self.sync.progress.round_ok = True
-                return
-            await asyncio.sleep(1.0)
-            await self._in_thread(self._refresh_stage)
-        log.warning(f"stage {self.stage}: could not download the stage state; starting from the seeded init")
-        self.sync.progress.round_ok = True
+            await asyncio.sleep(max(0.5, self.cfg.swarm.announce_period / 2))
 
     async def _round(self) -> None:
         self.window.close()  # queued requests get "busy" now instead of timing out during the round
@@ -166,14 +149,7 @@ class StageWorker:
         if metrics is None:
             self._recover_wanted = True
             return
-        self._log_round(metrics)
-
-    def _log_round(self, m: dict) -> None:
-        norm = m.get("pseudo_grad_norm", m.get("grad_norm", 0.0))
-        print(f"[stage {self.stage}] round {m['round']} -> {m['round'] + 1}: group {m['group_size']}, "
-              f"{'ok' if m['ok'] else 'NOT agreed'} ({m['outcome']}), norm {norm:.4f}, "
-              f"sent {m['bytes_sent'] / 2**20:.2f} MiB, received {m['bytes_received'] / 2**20:.2f} MiB, "
-              f"{m['seconds']:.2f}s, weights {m['weights_hash']}", flush=True)
+        print(f"[stage {self.stage}] {format_round(metrics)}", flush=True)
 
     async def finish_with_stage(self) -> None:
         """Done training: stay in the stage's rounds (idle) until none of its peers trains any more, then run a final
@@ -338,18 +314,13 @@ class StageWorker:
             donors = self.sync.donors()
             if donors or self._recover_wanted:
                 self._recover_wanted = not await self.sync.recover(
-                    donors or self._top_peers(), "behind the stage" if self._recover_wanted else "weights disagree")
+                    donors or self.sync.top_peers(), "behind the stage" if self._recover_wanted else "weights disagree")
             for future in waiters:
                 if not future.done():
                     future.set_result(None)
             self.window.reopen()
             if self._sync_waiters:  # asked for during this iteration: close again (nothing admitted: no step)
                 self.window.close()
-
-    def _top_peers(self) -> list[str]:
-        others = [o for o in self.sync.others if o.round_ok]
-        top = max((o.round for o in others), default=-1)
-        return [o.peer_id for o in others if o.round == top]
 
     async def _drive_one(self, index: int, mb: Microbatch, sem: asyncio.Semaphore) -> None:
         samples = mb.input_ids.shape[0]

@@ -101,6 +101,15 @@ def choose_donors(me_id: str, me: Progress, others: list[StageRecord]) -> list[s
     return sorted(r.peer_id for r in at_top if r.global_hash == best)
 
 
+def format_round(m: dict) -> str:
+    """One log line for a round's metrics."""
+    norm = m.get("pseudo_grad_norm", m.get("grad_norm", 0.0))
+    return (f"round {m['round']} -> {m['round'] + 1}: group {m['group_size']}, "
+            f"{'ok' if m['ok'] else 'NOT agreed'} ({m['outcome']}), norm {norm:.4f}, "
+            f"sent {m['bytes_sent'] / 2**20:.2f} MiB, received {m['bytes_received'] / 2**20:.2f} MiB, "
+            f"{m['seconds']:.2f}s, weights {m['weights_hash']}")
+
+
 def round_bits(r: int) -> str:
     """Group key bits: only peers in the same round (mod 2^16) can form a group."""
     return format(r % 65536, "016b")
@@ -293,6 +302,30 @@ class StageSync:
         await publish()
 
     # ---- recovery and joining
+    def top_peers(self) -> list[str]:
+        """The voting peers at the newest round (donors when this peer knows it is behind)."""
+        voters = [o for o in self.others if o.round_ok]
+        top = max((o.round for o in voters), default=-1)
+        return [o.peer_id for o in voters if o.round == top]
+
+    async def join(self, refresh) -> None:
+        """Before serving: adopt the stage's current state from its peers; the first peer keeps the seeded init."""
+        loop = asyncio.get_running_loop()
+        others = await loop.run_in_executor(None, refresh)
+        if self.mode == "none" or not others:
+            log.info("no stage peers online; starting from the seeded init")
+            return
+        self.progress.round_ok = False  # not a voter until it holds the stage's state
+        for _ in range(10):
+            donors = self.donors()
+            if not donors or await self.recover(donors, "joining the stage"):
+                self.progress.round_ok = True
+                return
+            await asyncio.sleep(1.0)
+            await loop.run_in_executor(None, refresh)
+        log.warning("could not download the stage state; starting from the seeded init")
+        self.progress.round_ok = True
+
     async def recover(self, donors: list[str], reason: str) -> bool:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
@@ -318,6 +351,8 @@ class StageSync:
         return True
 
     def summary(self) -> dict:
+        if self.mode == "none":  # no rounds: the replica's own current weights
+            self.progress.global_hash = self._state_hash()
         return {"mode": self.mode, "round": self.progress.round, "global_hash": self.progress.global_hash,
                 "rounds": self.rounds, "recoveries": self.recoveries}
 
