@@ -2,10 +2,12 @@
 # Spawn a whole swarm on this machine: S stages x P peers on loopback, one merged log, summaries under runs/<id>/.
 #
 #   ./run_local_experiment.sh [-s STAGES] [-p PEERS_PER_STAGE] [-c CONFIG] [--run-id ID] [--max-steps N]
-#                             [--timeout SECONDS] [-- extra args for every peer]
+#                             [--timeout SECONDS] [--wandb-project P] [--no-monitor] [-- extra args for every peer]
 #   ./run_local_experiment.sh stop [RUN_ID]          # stop a running experiment (default: the latest)
 #
-# Env defaults: N_STAGES, PEERS_PER_STAGE, CONFIG. Exits non-zero if any peer failed.
+# A monitor peer starts first (the swarm's bootstrap) and logs the global loss to W&B (offline without an API key,
+# files under runs/<id>/wandb). Env defaults: N_STAGES, PEERS_PER_STAGE, CONFIG, WANDB_PROJECT. Exits non-zero if
+# any peer failed.
 set -uo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -40,7 +42,8 @@ if [ "${1:-}" = "stop" ]; then
 fi
 
 STAGES=${N_STAGES:-2}; PEERS=${PEERS_PER_STAGE:-2}; CFG=${CONFIG:-configs/tiny.yaml}
-RUN_ID="local-$(date +%Y%m%d-%H%M%S)"; MAX_STEPS=""; TIMEOUT=3600; EXTRA=()
+RUN_ID="local-$(date +%Y%m%d-%H%M%S)"; MAX_STEPS=""; TIMEOUT=3600; EXTRA=(); MONITOR=1
+WANDB_PROJECT=${WANDB_PROJECT:-swarm_peer}
 while [ $# -gt 0 ]; do
   case "$1" in
     -s|--stages) STAGES=${2:?}; shift 2 ;;
@@ -49,8 +52,10 @@ while [ $# -gt 0 ]; do
     --run-id) RUN_ID=${2:?}; shift 2 ;;
     --max-steps) MAX_STEPS=${2:?}; shift 2 ;;
     --timeout) TIMEOUT=${2:?}; shift 2 ;;
+    --wandb-project) WANDB_PROJECT=${2:?}; shift 2 ;;
+    --no-monitor) MONITOR=0; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -100,14 +105,28 @@ wait_ready() {  # wait_ready NAME: poll for the peer's maddrs file (or its death
 }
 
 echo "run $RUN_ID: $STAGES stages x $PEERS peers, config $CFG, logs in $DIR/"
-# the last stage's first peer bootstraps the DHT; later stages start first so stage 0 finds a pipeline
-start_peer $((STAGES - 1)) 0
-wait_ready "stage$((STAGES - 1))_peer0" || { cleanup; exit 1; }
-BOOT=$(head -1 "$DIR/stage$((STAGES - 1))_peer0.maddrs")
+if [ $MONITOR = 1 ]; then  # the monitor bootstraps the DHT and logs the global loss to W&B
+  SETS=(); for ((i = 0; i < ${#EXTRA[@]}; i++)); do
+    [ "${EXTRA[$i]}" = "--set" ] && SETS+=(--set "${EXTRA[$((i + 1))]}"); done
+  setsid "$PY" -m swarm_peer monitor --config "$CFG" --run-id "$RUN_ID" --host-maddrs /ip4/127.0.0.1/tcp/0 \
+      --set "swarm.num_stages=$STAGES" "${SETS[@]}" --maddrs-file "$DIR/monitor.maddrs" --until-done \
+      --wandb-project "$WANDB_PROJECT" --wandb-dir "$DIR" --history-json "$DIR/monitor.jsonl" \
+      > "$DIR/monitor.log" 2>&1 < /dev/null &
+  echo "$! monitor" >> "$DIR/pids"
+  tail -n +1 -F "$DIR/monitor.log" 2>/dev/null | sed -u "/^\[monitor\]/!s|^|[monitor] |" &
+  TAILS+=($!)
+  wait_ready monitor || { cleanup; exit 1; }
+  BOOT=$(head -1 "$DIR/monitor.maddrs")
+else  # the last stage's first peer bootstraps the DHT
+  start_peer $((STAGES - 1)) 0
+  wait_ready "stage$((STAGES - 1))_peer0" || { cleanup; exit 1; }
+  BOOT=$(head -1 "$DIR/stage$((STAGES - 1))_peer0.maddrs")
+fi
 echo "$BOOT" > "$DIR/bootstrap.maddr"
+# later stages start first so stage 0 finds a pipeline
 for ((s = STAGES - 1; s >= 0; s--)); do
   for ((p = 0; p < PEERS; p++)); do
-    [ $s = $((STAGES - 1)) ] && [ $p = 0 ] && continue
+    [ $MONITOR = 0 ] && [ $s = $((STAGES - 1)) ] && [ $p = 0 ] && continue
     shard=(); [ $s = 0 ] && shard=(--data-shard "$p/$PEERS")
     start_peer $s $p --initial-peers "$BOOT" "${shard[@]}"
   done

@@ -1,13 +1,18 @@
-"""`python -m swarm_peer [--stage N ...]` starts a stage peer; `python -m swarm_peer baseline ...` the baseline."""
+"""`python -m swarm_peer [--stage N ...]` starts a stage peer; the first word picks another tool:
+`monitor` (aggregate metrics, log to W&B), `status` (who serves what), `sample` (generate through the swarm),
+`baseline` (the single-process reference trainer)."""
 import sys
+
+TOOLS = {"baseline": "swarm_peer.baseline", "monitor": "swarm_peer.monitor", "status": "swarm_peer.status",
+         "sample": "swarm_peer.sample"}
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    if argv and argv[0] == "baseline":
-        from swarm_peer.baseline import main as baseline_main
+    import importlib
 
-        return baseline_main(argv[1:])
+    argv = sys.argv[1:]
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     from swarm_peer.peer import main as peer_main
 
     return peer_main(argv)

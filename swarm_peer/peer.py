@@ -75,7 +75,7 @@ def _is_loopback(maddr) -> bool:
         return False
 
 
-def start_dht(args, validators):
+def start_dht(args, validators, quiet: bool = False):
     """Start the DHT; print the join line; write the maddrs file; warn about unusable setups."""
     import hivemind
 
@@ -88,7 +88,9 @@ def start_dht(args, validators):
         tmp = f"{args.maddrs_file}.tmp"
         Path(tmp).write_text("".join(f"{m}\n" for m in maddrs))
         os.replace(tmp, args.maddrs_file)
-    if args.client_mode:
+    if quiet:
+        pass
+    elif args.client_mode:
         print(f"peer {dht.peer_id} in client mode (others cannot join through it)", flush=True)
     elif maddrs:
         print(f"To join this swarm: --initial-peers {maddrs[0]}", flush=True)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_peer(cfg, args, shard: tuple[int, int]) -> int:
     from swarm_peer.baseline import resolve_device
-    from swarm_peer.data import ShardSampler, load_corpus
+    from swarm_peer.data import ShardSampler, load_corpus, validation_microbatches
     from swarm_peer.records import local_public_key, make_validators
     from swarm_peer.stage_worker import StageWorker
     from swarm_peer.transport import LoopThread
@@ -167,11 +169,15 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
             sampler = ShardSampler(corpus.train, cfg.data.microbatch_size, seed, *shard)
         loop = LoopThread()
         p2p = loop.run(dht.replicate_p2p(), timeout=60)
+        maddrs = sorted(dht.get_visible_maddrs(), key=_is_loopback)
+        val = validation_microbatches(corpus, cfg.data.microbatch_size, cfg.run.eval_batches) if corpus else []
         worker = StageWorker(cfg, args.stage, dht, p2p, args.run_id, local_public_key(validators), device, sampler,
-                             client_mode=args.client_mode, test_delay=args.test_delay)
+                             client_mode=args.client_mode, test_delay=args.test_delay,
+                             address=str(maddrs[0]) if maddrs else "", val_batches=val,
+                             metrics_period=cfg.run.metrics_period)
         # adopt the stage's current weights (DiLoCo state) before serving or announcing anything
         loop.run(worker.sync.join(worker._refresh_stage), timeout=15 * max(30.0, cfg.swarm.averaging_timeout))
-        if args.stage != 0:
+        if not args.client_mode:  # stage 0 serves eval/sample requests (`python -m swarm_peer sample`)
             loop.run(worker.servicer().add_p2p_handlers(p2p, namespace=args.run_id), timeout=30)
         print(f"[stage {args.stage}] peer {dht.peer_id} serving layers [{worker.spec.start}:{worker.spec.end}] of "
               f"{cfg.model.num_layers}, run {args.run_id!r}", flush=True)

@@ -2,7 +2,9 @@
 
 Keys (raw strings, `run_id` prefixed so several swarms share one DHT):
   {run_id}_stage{i}   subkey = the announcing peer's RSA public key (so only that peer can write it),
-                      value  = StageRecord: who serves stage i, with which config, and how loaded it is.
+                      value  = StageRecord: who serves stage i, with which config, how loaded it is, its round.
+  {run_id}_metrics{i} subkey = the peer's RSA public key, value = MetricRecord: what the peer did in the last
+                      metrics window (what the monitor and `status` aggregate).
 
 Every peer (the monitor and the CLI tools too) must run the same validators: `make_validators`.
 Records are refreshed every `swarm.announce_period` seconds and expire after `swarm.record_ttl`; a leaving peer
@@ -47,6 +49,36 @@ class StageRecord(pydantic.BaseModel):
     syncing: pydantic.StrictBool
     global_hash: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")
     round_ok: pydantic.StrictBool
+    address: pydantic.constr(strict=True, max_length=256)  # a multiaddr to reach it (status tables)
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
+class MetricRecord(pydantic.BaseModel):
+    """One peer's figures for metrics window `window` (= floor(DHT time / period)): published when the window closes,
+    so the monitor never mixes windows. Loss sums come from last-stage peers, eval loss from stage-0 peers."""
+    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
+    stage: pydantic.conint(strict=True, ge=0, le=1024)
+    state: pydantic.constr(strict=True, regex="^(online|idle|finished|offline)$")
+    window: pydantic.conint(strict=True, ge=0)
+    period: pydantic.confloat(strict=True, gt=0.0, le=86400.0)
+    round: pydantic.conint(strict=True, ge=0)
+    inner_step: pydantic.conint(strict=True, ge=0)
+    samples: pydantic.conint(strict=True, ge=0)  # since start
+    tokens: pydantic.conint(strict=True, ge=0)  # since start
+    loss_sum: pydantic.confloat(strict=True, ge=0.0, le=1e12)  # training losses of microbatches done in the window
+    loss_count: pydantic.conint(strict=True, ge=0)
+    eval_loss: Optional[pydantic.confloat(strict=True, ge=0.0, le=1e6)]  # latest validation loss (stage 0)
+    eval_step: pydantic.conint(strict=True, ge=0)
+    tokens_per_s: pydantic.confloat(strict=True, ge=0.0, le=1e12)  # in the window
+    queue: pydantic.conint(strict=True, ge=0, le=1_000_000)
+    inflight: pydantic.conint(strict=True, ge=0, le=1_000_000)
+    sync_seconds: pydantic.confloat(strict=True, ge=0.0)  # total time spent in rounds
+    bytes_sent: pydantic.conint(strict=True, ge=0)  # pipeline + averaging, since start
+    bytes_received: pydantic.conint(strict=True, ge=0)
+    global_hash: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")
+    round_ok: pydantic.StrictBool
 
     class Config:
         extra = pydantic.Extra.forbid
@@ -56,11 +88,16 @@ def stage_key(run_id: str, stage: int) -> str:
     return f"{run_id}_stage{stage}"
 
 
+def metrics_key(run_id: str, stage: int) -> str:
+    return f"{run_id}_metrics{stage}"
+
+
 def make_validators(run_id: str, num_stages: int, private_key: Optional[RSAPrivateKey] = None) -> list:
     """RSA signature validator (owner-only subkeys) + schema validator for this run's stage keys."""
     if not RUN_ID_RE.match(run_id):
         raise ValueError(f"run id {run_id!r}: use 1-64 letters, digits or '-'")
     fields = {f"stage{i}": (Optional[Dict[BytesWithPublicKey, StageRecord]], None) for i in range(num_stages)}
+    fields.update({f"metrics{i}": (Optional[Dict[BytesWithPublicKey, MetricRecord]], None) for i in range(num_stages)})
     schema = pydantic.create_model(f"SwarmSchema_{num_stages}", **fields)
     return [RSASignatureValidator(private_key), SchemaValidator(schema, prefix=run_id)]
 
@@ -88,10 +125,9 @@ def store_stage_record(dht, run_id: str, record: StageRecord, subkey: bytes, ttl
     return bool(fut.result(timeout=timeout))
 
 
-def read_stage_records(dht, run_id: str, stage: int, timeout: float = 5.0) -> list[PeerInfo]:
-    """All fresh, well-formed records of `stage` (any state; callers filter). Never raises on bad data."""
+def _read(dht, key: str, schema, stage: int, timeout: float) -> list[PeerInfo]:
     try:
-        found = dht.get(stage_key(run_id, stage), latest=True, return_future=True).result(timeout=timeout)
+        found = dht.get(key, latest=True, return_future=True).result(timeout=timeout)
     except Exception:
         return []
     if found is None or not isinstance(found.value, dict):
@@ -100,12 +136,28 @@ def read_stage_records(dht, run_id: str, stage: int, timeout: float = 5.0) -> li
     peers = []
     for entry in found.value.values():
         try:
-            rec = StageRecord.parse_obj(entry.value)
+            rec = schema.parse_obj(entry.value)
         except (pydantic.ValidationError, TypeError):
             continue  # validators reject malformed stores; this guards against anything that slipped through
         if entry.expiration_time > now and rec.stage == stage:
             peers.append(PeerInfo(rec, entry.expiration_time))
     return peers
+
+
+def read_stage_records(dht, run_id: str, stage: int, timeout: float = 5.0) -> list[PeerInfo]:
+    """All fresh, well-formed records of `stage` (any state; callers filter). Never raises on bad data."""
+    return _read(dht, stage_key(run_id, stage), StageRecord, stage, timeout)
+
+
+def read_metric_records(dht, run_id: str, stage: int, timeout: float = 5.0) -> list[PeerInfo]:
+    """All fresh, well-formed metric records of `stage`. Never raises on bad data."""
+    return _read(dht, metrics_key(run_id, stage), MetricRecord, stage, timeout)
+
+
+def store_metric_record(dht, run_id: str, record: MetricRecord, subkey: bytes, ttl: float, timeout: float = 10.0) -> bool:
+    fut = dht.store(metrics_key(run_id, record.stage), record.dict(), expiration_time=get_dht_time() + ttl,
+                    subkey=subkey, return_future=True)
+    return bool(fut.result(timeout=timeout))
 
 
 class Announcer:

@@ -27,6 +27,7 @@ from swarm_peer.model import stage_fingerprint, stage_spec
 from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
 from swarm_peer.sync import StageSync, format_round, stage_peers
+from swarm_peer.telemetry import PeerTelemetry
 from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
 
 log = logging.getLogger("swarm_peer")
@@ -42,7 +43,8 @@ def config_summary(cfg: Config, stage: int) -> str:
 
 class StageWorker:
     def __init__(self, cfg: Config, stage: int, dht, p2p, run_id: str, subkey: bytes, device: torch.device,
-                 sampler: ShardSampler | None = None, client_mode: bool = False, test_delay: float = 0.0):
+                 sampler: ShardSampler | None = None, client_mode: bool = False, test_delay: float = 0.0,
+                 address: str = "", val_batches: list[Microbatch] = (), metrics_period: float = 10.0):
         self.cfg, self.stage, self.dht, self.p2p, self.run_id = cfg, stage, dht, p2p, run_id
         self.spec = stage_spec(cfg, stage)
         self.trainer = StageTrainer(cfg, stage, device, test_delay)
@@ -56,6 +58,8 @@ class StageWorker:
         self.router = Router(cfg.data.microbatch_size, max_timeout=cfg.swarm.request_timeout)
         self.sync = StageSync(cfg, stage, dht, run_id, self.trainer, self.compute, self.fingerprint)
         self._sync_waiters: list[asyncio.Future] = []  # callers waiting for a round run by the stepper
+        self.address, self.val_batches = address[:256], list(val_batches)
+        self.telemetry = PeerTelemetry(self, metrics_period)
         self._recover_wanted = False
         self.window: GradientWindow | None = None  # created on the loop
         self.state = "online"
@@ -80,7 +84,7 @@ class StageWorker:
             inner_step=self.trainer.inner_step, samples=self.trainer.samples_stepped,
             round=self.sync.progress.round, round_steps=self.sync.progress.round_steps,
             round_samples=self.sync.progress.round_samples, syncing=self.sync.progress.syncing,
-            global_hash=self.sync.progress.global_hash, round_ok=self.sync.progress.round_ok)
+            global_hash=self.sync.progress.global_hash, round_ok=self.sync.progress.round_ok, address=self.address)
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -179,7 +183,7 @@ class StageWorker:
         await future
 
     # -------------------------------------------------------------------------------------- downstream
-    async def send_downstream(self, meta: dict, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    async def send_downstream(self, meta: dict, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[dict, list]:
         """Send one microbatch to a next-stage peer chosen by the router; retry elsewhere until one answers."""
         from hivemind.p2p import PeerID
 
@@ -203,8 +207,8 @@ class StageWorker:
                 reply, out = await call_forward(self.p2p, PeerID.from_base58(peer), meta, tensors,
                                                 self.cfg.swarm.compression.forward, self.router.timeout(peer),
                                                 namespace=self.run_id)
-                if len(out) != 1 or out[0].shape != hidden.shape or not out[0].is_floating_point():
-                    raise RemoteError(f"malformed gradient reply {[tuple(t.shape) for t in out]}")
+                if not _reply_ok(meta, out, hidden, self.trainer.model.hf.vocab_size):
+                    raise RemoteError(f"malformed reply {[tuple(t.shape) for t in out]}")
             except RemoteError as e:
                 busy = str(e).startswith("busy")
                 self.router.failed(peer, ban=not busy)
@@ -224,7 +228,7 @@ class StageWorker:
                 log.warning(f"stage {self.stage + 1} peer {peer[-8:]} failed ({e}); banned {ban:.0f}s, rerouting")
                 continue
             self.router.succeeded(peer, time.monotonic() - t0)
-            return reply, out[0]
+            return reply, out
         raise RuntimeError(f"no stage {self.stage + 1} peer took the microbatch ({failures} failures)")
 
     # ----------------------------------------------------------------------------------------- serving
@@ -249,12 +253,15 @@ class StageWorker:
     async def handle(self, meta: dict, tensors: list, remote) -> tuple[dict, list]:
         if self.state != "online":
             raise RuntimeError(f"busy: peer is {self.state}")
+        if self.spec.is_first:  # stage 0 owns the data: it serves only inference (eval / sample) from token ids
+            ids, labels = self._validate_ids(meta, tensors)
+            return await self._handle_eval(meta, ids, labels)
         samples, hidden, labels = self._validate(meta, tensors)
         if self.window.waiting + self.window.pending >= 2 * self.cfg.swarm.max_inflight:
             raise RuntimeError("busy: queue full")  # backpressure: the sender reroutes
         if self.sync.progress.syncing:
             raise RuntimeError("busy: synchronizing with stage peers")
-        if meta.get("eval"):
+        if meta.get("eval") or "sample" in meta:
             return await self._handle_eval(meta, hidden, labels)
         await self.window.admit(samples, rejectable=True)
         ok = False
@@ -263,10 +270,11 @@ class StageWorker:
                 grad, loss = await self.compute.run(BACKWARD, lambda: self.trainer.forward_backward_last(
                     hidden, labels, samples))
                 self._step_losses.append(loss)
+                self.telemetry.on_loss(loss)
                 reply = {"loss": loss}
             else:
                 pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(hidden))
-                reply, grad_out = await self.send_downstream(meta, pending.outputs, labels)
+                reply, (grad_out,) = await self.send_downstream(meta, pending.outputs, labels)
                 grad = await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out))
             ok = True
             self.stats["microbatches"] += 1
@@ -274,12 +282,66 @@ class StageWorker:
         finally:
             self.window.finish(samples, ok)
 
+    def _validate_ids(self, meta: dict, tensors: list) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(meta, dict) or not (meta.get("eval") or "sample" in meta) or not isinstance(meta.get("mb"), str):
+            raise ValueError("stage 0 takes only eval/sample requests: metadata {'mb': str, 'eval': true | 'sample': pos}")
+        if len(tensors) != 2:
+            raise ValueError(f"expected [token ids, labels], got {len(tensors)} tensors")
+        ids, labels = tensors
+        n, seq, vocab = self.cfg.data.microbatch_size, self.cfg.data.seq_len, self.trainer.model.hf.vocab_size
+        for name, t in (("token ids", ids), ("labels", labels)):
+            if t.is_floating_point() or t.ndim != 2 or not 1 <= t.shape[0] <= n or t.shape[1] != seq:
+                raise ValueError(f"{name} must be integer [<= {n}, {seq}], got {t.dtype} {tuple(t.shape)}")
+            if t.numel() and (t.min() < 0 or t.max() >= vocab):
+                raise ValueError(f"{name} out of vocabulary range")
+        if ids.shape != labels.shape:
+            raise ValueError("token ids and labels differ in shape")
+        return ids.long(), labels.long()
+
     async def _handle_eval(self, meta: dict, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[dict, list]:
+        """No gradients, no window: eval returns the last stage's loss, sample its logits at position `sample`."""
+        if "sample" in meta:
+            pos = meta["sample"]
+            if type(pos) is not int or not 0 <= pos < self.cfg.data.seq_len:
+                raise ValueError(f"sample position must be an int in [0, {self.cfg.data.seq_len})")
         if self.spec.is_last:
+            if "sample" in meta:
+                logits = await self.compute.run(FORWARD, lambda: self.trainer.forward_no_grad(hidden))
+                return {}, [logits[:, meta["sample"]].float().cpu()]
             return {"loss": await self.compute.run(FORWARD, lambda: self.trainer.evaluate_last(hidden, labels))}, []
         out = await self.compute.run(FORWARD, lambda: self.trainer.forward_no_grad(hidden))
-        reply, _ = await self.send_downstream(meta, out, labels)
-        return reply, []
+        reply, tensors = await self.send_downstream(meta, out, labels)
+        return {k: v for k, v in reply.items() if k == "loss"}, tensors
+
+    async def evaluate(self) -> float | None:
+        """Stage 0: send the held-out microbatches through the pipeline without gradients; mean validation loss."""
+        losses = []
+        for i, mb in enumerate(self.val_batches):
+            out = await self.compute.run(FORWARD, lambda: self.trainer.forward_no_grad(mb.input_ids))
+            meta = {"mb": f"{self.peer_id[-12:]}:eval{i}", "n": mb.input_ids.shape[0], "eval": True}
+            try:
+                reply, _ = await self.send_downstream(meta, out, mb.labels)
+            except Exception as e:
+                log.warning(f"stage 0: evaluation incomplete: {e}")
+                return None
+            if isinstance(reply.get("loss"), float) and math.isfinite(reply["loss"]):
+                losses.append(reply["loss"])
+        return sum(losses) / len(losses) if losses else None
+
+    async def eval_loop(self, max_steps: int) -> None:
+        """Stage 0: evaluate every `run.eval_interval` inner steps and at the last one."""
+        every, done = self.cfg.run.eval_interval, -1
+        while self.val_batches and self.state == "online" and not self.stop_event.is_set():
+            step = self.trainer.inner_step
+            if step != done and ((every and step % every == 0 and step > 0) or step >= max_steps):
+                done = step
+                loss = await self.evaluate()
+                if loss is not None:
+                    self.telemetry.on_eval(step, loss)
+                    print(f"[stage 0] step {step} | val loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}", flush=True)
+                if step >= max_steps:
+                    return
+            await asyncio.sleep(0.2)
 
     # ----------------------------------------------------------------------------------------- driving
     async def stepper(self) -> None:
@@ -328,10 +390,12 @@ class StageWorker:
         try:
             pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(mb.input_ids))
             meta = {"mb": f"{self.peer_id[-12:]}:{index}", "n": samples}
-            reply, grad_out = await self.send_downstream(meta, pending.outputs, mb.labels)
+            reply, (grad_out,) = await self.send_downstream(meta, pending.outputs, mb.labels)
             await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out))
             if isinstance(reply.get("loss"), float) and math.isfinite(reply["loss"]):
                 self._step_losses.append(reply["loss"])
+                if self.spec.num_stages == 1:
+                    self.telemetry.on_loss(reply["loss"])
             ok = True
             self.stats["microbatches"] += 1
         except Exception as e:
@@ -381,29 +445,22 @@ class StageWorker:
                              request_timeout=self.cfg.swarm.request_timeout)
 
     # ------------------------------------------------------------------------------------------ lifecycle
-    async def progress_loop(self, every: float = 5.0) -> None:
-        last_t, last_samples = time.monotonic(), 0
-        while True:
-            await asyncio.sleep(every)
-            now, samples = time.monotonic(), self.trainer.samples_stepped
-            rate = (samples - last_samples) * self.cfg.data.seq_len / max(now - last_t, 1e-6)
-            loss = f" | loss {self.loss_curve[-1][1]:.4f}" if self.loss_curve else ""
-            nxt = "" if self.spec.is_last else f" | next-stage peers {len(self.router.live())}"
-            print(f"[stage {self.stage}] step {self.trainer.inner_step}{loss} | {rate:,.0f} tok/s | "
-                  f"microbatches {self.stats['microbatches']}{nxt}", flush=True)
-            last_t, last_samples = now, samples
-
     async def main(self, max_steps: int) -> None:
         self.stop_event = asyncio.Event()
         self.window = GradientWindow(self.cfg.data.batch_size)
-        loops = [self.announce_loop(), self.discover_loop(), self.stepper(), self.progress_loop()]
+        loops = [self.announce_loop(), self.discover_loop(), self.stepper(), self.telemetry.progress_loop(),
+                 self.telemetry.publish_loop()]
         if self.sync.mode != "none":
             loops.append(self.sync_watch_loop())
         background = [asyncio.create_task(c) for c in loops]
         self.started = time.monotonic()
         try:
             if self.spec.is_first:
+                evaluating = asyncio.create_task(self.eval_loop(max_steps))
                 await self.drive(max_steps)
+                if not self.stop_event.is_set():  # the last evaluation (at max_steps) may still be running
+                    await asyncio.wait([evaluating], timeout=max(60.0, 2 * self.cfg.swarm.request_timeout))
+                evaluating.cancel()
             else:
                 await self.serve_until_upstream_done()
                 for _ in range(600):  # let the stepper apply a partial last window (bounded: 60 s)
@@ -438,6 +495,15 @@ class StageWorker:
             "compute_time_s": self.trainer.compute_seconds,
             "forwarded_to": self.router.sent_counts(), "transport": STATS.snapshot(),
             "final_weights_hash": self.trainer.weights_hash(), "fingerprint": self.fingerprint,
-            "sync": self.sync.summary(),
+            "sync": self.sync.summary(), "eval_curve": self.telemetry.eval_curve,
             "config": self.cfg.model_dump(mode="json"),
         }
+
+
+def _reply_ok(meta: dict, out: list, hidden: torch.Tensor, vocab: int) -> bool:
+    """The reply a request of this kind must get: a gradient like `hidden`, nothing (eval) or logits (sample)."""
+    if "sample" in meta:
+        return len(out) == 1 and tuple(out[0].shape) == (hidden.shape[0], vocab) and out[0].is_floating_point()
+    if meta.get("eval"):
+        return not out
+    return len(out) == 1 and out[0].shape == hidden.shape and out[0].is_floating_point()

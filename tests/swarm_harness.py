@@ -73,6 +73,9 @@ class Swarm:
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text()
 
+    def peer_id(self, name: str) -> str:
+        return (self.tmp / f"{name}.maddrs").read_text().split()[0].split("/p2p/")[-1]
+
     def summary(self, name: str) -> dict:
         import json
 

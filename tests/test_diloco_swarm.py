@@ -138,3 +138,40 @@ def test_diloco_h1_lr1_no_momentum_is_parameter_averaging_every_step(swarm_facto
         _assert_stage_agrees(peers)
         for p in peers:  # H is a stage average: about one round per inner step
             assert len(p["sync"]["rounds"]) >= 0.6 * p["inner_steps"], p["sync"]["rounds"]
+
+
+def test_status_json_and_sample_on_a_live_swarm(swarm_factory, tmp_path):
+    """`status --json` lists the four peers of a live 2 x 2 swarm under their stages; `sample` generates through it."""
+    import json
+    import subprocess
+
+    from tests.conftest import PYTHON, ROOT
+
+    swarm = swarm_factory("live", ["swarm.num_stages=2", "swarm.sync_every=5"])
+    # long runs with a test-only slowdown: they are stopped at the end, the tools look at them while they train
+    _start_pipeline(swarm, 2, 0, steps=100000)
+    for p in range(2):
+        swarm.start(f"s0p{p}", 0, "--data-shard", f"{p}/2", "--max-steps", "100000", "--test-delay", "0.05")
+        swarm.wait_ready(f"s0p{p}")
+    deadline = time.monotonic() + 120
+    while "round 0 -> 1" not in swarm.log("s0p0"):
+        assert time.monotonic() < deadline, swarm.log("s0p0")[-3000:]
+        time.sleep(0.5)
+    common = ["--run-id", "live", "--initial-peers", swarm.bootstrap]
+    for o in swarm.overrides:
+        common += ["--set", o]
+    status = subprocess.run([PYTHON, "-m", "swarm_peer", "status", "--json", *common], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0, status.stderr[-3000:]
+    report = json.loads(status.stdout)
+    ids = {name: swarm.peer_id(name) for name in ("s0p0", "s0p1", "s1p0", "s1p1")}
+    by_stage = {s["stage"]: {p["peer_id"] for p in s["peers"]} for s in report["stages"]}
+    assert by_stage == {0: {ids["s0p0"], ids["s0p1"]}, 1: {ids["s1p0"], ids["s1p1"]}}, report
+    assert report["live_peers"] == 4 and all(p["address"].startswith("/ip4/127.0.0.1/") for s in report["stages"]
+                                             for p in s["peers"])
+    sample = subprocess.run([PYTHON, "-m", "swarm_peer", "sample", "--prompt", "def main(", "--max-new-tokens", "12",
+                             "--temperature", "0", *common], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    text = sample.stdout[sample.stdout.index("def main("):]
+    print("sampled:", repr(text))
+    assert len(text.rstrip("\n")) > len("def main(")

@@ -188,30 +188,48 @@ def test_compressed_wire_and_malformed_requests(swarm_factory):
 
 
 def test_run_local_experiment_end_to_end(cache_dir):
-    """The README's main job, small: 2 stages x 2 peers, merged log, summaries, nothing left running."""
+    """The README's main job, small: a monitor + 2 stages x 2 peers, merged log, summaries, the monitor's W&B
+    offline run (read back from its run file) with a falling global loss and the right alive-peer counts, nothing
+    left running."""
+    import glob
+    import os
     import shutil
     import uuid
 
+    from swarm_peer.wandb_log import read_history
     from tests.swarm_harness import group_pids
 
     run_id = f"pytest-{uuid.uuid4().hex[:8]}"
     extra = []
-    for o in [*FAST, f"data.cache_dir={cache_dir}"]:
+    for o in [*FAST, f"data.cache_dir={cache_dir}", "run.metrics_period=2", "swarm.sync_every=5",
+              "run.eval_interval=10", "optim.inner.lr=3e-3"]:
         extra += ["--set", o]
     run_dir = ROOT / "runs" / run_id
     try:
         proc = subprocess.run(["bash", "run_local_experiment.sh", "-s", "2", "-p", "2", "--run-id", run_id,
-                               "--max-steps", "6", "--timeout", "300", "--", *extra],
-                              cwd=ROOT, capture_output=True, text=True, timeout=400)
+                               "--max-steps", "40", "--timeout", "300", "--wandb-project", "pytest", "--", *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=400,
+                              env={**os.environ, "WANDB_MODE": "offline"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
         for s in range(2):
             for p in range(2):
                 assert f"[stage{s}/peer{p}] " in proc.stdout
                 summary = (run_dir / f"stage{s}_peer{p}.json")
                 assert summary.exists() and (run_dir / f"stage{s}_peer{p}.log").exists()
-        assert "all 4 peers up" in proc.stdout and "finished" in proc.stdout
+        assert "all 4 peers up" in proc.stdout and "finished" in proc.stdout and "[monitor] window" in proc.stdout
         pids = [int(line.split()[0]) for line in (run_dir / "pids").read_text().splitlines()]
-        assert len(pids) == 4 and not any(group_pids(pid) for pid in pids)
+        assert len(pids) == 5 and not any(group_pids(pid) for pid in pids)  # 4 peers + the monitor
+        run_files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+        assert len(run_files) == 1, list(run_dir.rglob("*"))
+        history = read_history(run_files[0])
+        losses = [row["loss"] for row in history if "loss" in row]
+        print("global loss by window:", [round(x, 3) for x in losses])
+        assert len(losses) >= 4 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5, losses
+        assert max(row["alive/stage0"] for row in history) == 2
+        assert max(row["alive/stage1"] for row in history) == 2
+        full = [row for row in history if row["alive"] == 4]
+        assert full and all(row["alive/stage0"] == 2 and row["alive/stage1"] == 2 for row in full)
+        assert any("eval_loss" in row for row in history)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -9,7 +9,8 @@ H1, H2, H3 = "1111111111111111", "2222222222222222", "3333333333333333"
 def rec(peer_id, round=0, steps=0, samples=0, syncing=False, hash=H1, ok=True, state="online", fp="0123456789abcdef"):
     return StageRecord(peer_id=peer_id, stage=1, fingerprint=fp, config_summary="t", state=state, client_mode=False,
                        queue=0, inflight=0, max_inflight=4, throughput=1.0, inner_step=0, samples=0, round=round,
-                       round_steps=steps, round_samples=samples, syncing=syncing, global_hash=hash, round_ok=ok)
+                       round_steps=steps, round_samples=samples, syncing=syncing, global_hash=hash, round_ok=ok,
+                       address="")
 
 
 def test_round_is_due_on_the_stage_average_not_on_one_peer():

@@ -1,0 +1,156 @@
+"""`python -m swarm_peer monitor`: a peer that hosts no stage, aggregates the swarm's metric records from the DHT and
+logs the global training loss (and the rest) to Weights & Biases and a live console table.
+
+Per metrics window w (aligned on DHT time, see telemetry.py), once every peer has had time to publish it:
+    global loss   = Σ loss_sum / Σ loss_count over the last stage's records *of window w* (never mixing windows)
+    alive[i]      = peers of stage i that published window w while training (state online); expired, finished,
+                    idle and non-training peers (monitors, tools) do not count
+    tokens/s      = Σ tokens/s of stage-0 peers in window w;  samples = Σ stage-0 samples since start
+    round[i]      = newest round among stage i's peers; hash agreement[i] = share of them holding the majority
+                    weights hash of that round;  eval loss = mean of stage-0 peers' latest validation loss
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from swarm_peer.config import add_config_args, config_from_args
+from swarm_peer.records import MetricRecord
+
+
+def aggregate(records: list[tuple[MetricRecord, float]], window: int, num_stages: int, now: float) -> dict:
+    """records: (record, expiration time). Only fresh records of exactly `window` count."""
+    fresh = [r for r, expires in records if expires > now and r.window == window]
+    row: dict = {"window": window}
+    last = [r for r in fresh if r.stage == num_stages - 1 and r.loss_count > 0]
+    count = sum(r.loss_count for r in last)
+    if count:
+        row["loss"] = sum(r.loss_sum for r in last) / count
+        row["loss_microbatches"] = count
+    alive_total = 0
+    for stage in range(num_stages):
+        peers = [r for r in fresh if r.stage == stage]
+        alive = sum(r.state == "online" for r in peers)
+        alive_total += alive
+        row[f"alive/stage{stage}"] = alive
+        if peers:
+            top = max(r.round for r in peers)
+            at_top = [r.global_hash for r in peers if r.round == top]
+            row[f"round/stage{stage}"] = top
+            row[f"hash_agreement/stage{stage}"] = Counter(at_top).most_common(1)[0][1] / len(peers)
+            row[f"sync_seconds/stage{stage}"] = max(r.sync_seconds for r in peers)
+    row["alive"] = alive_total
+    first = [r for r in fresh if r.stage == 0]
+    row["tokens_per_s"] = sum(r.tokens_per_s for r in first)
+    row["samples"] = sum(r.samples for r in first)
+    row["bytes_sent"] = sum(r.bytes_sent for r in fresh)
+    evals = [r.eval_loss for r in first if r.eval_loss is not None]
+    if evals:
+        row["eval_loss"] = sum(evals) / len(evals)
+        row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
+    return row
+
+
+def read_all(dht, run_id: str, num_stages: int) -> list[tuple[MetricRecord, float]]:
+    from swarm_peer.records import read_metric_records
+
+    out = []
+    for stage in range(num_stages):
+        out += [(p.record, p.expires_at) for p in read_metric_records(dht, run_id, stage)]
+    return out
+
+
+def format_row(row: dict, num_stages: int, step: int) -> str:
+    loss = f"loss {row['loss']:.4f}" if "loss" in row else "loss -"
+    val = f" | val {row['eval_loss']:.4f} (ppl {row['eval_perplexity']:.1f})" if "eval_loss" in row else ""
+    stages = " ".join(f"s{i}:{row[f'alive/stage{i}']}p/r{row.get(f'round/stage{i}', '-')}"
+                      f"/{row.get(f'hash_agreement/stage{i}', 0):.0%}" for i in range(num_stages))
+    return (f"[monitor] window {step} | {loss}{val} | {row['tokens_per_s']:,.0f} tok/s | "
+            f"samples {row['samples']:,} | alive {row['alive']} [{stages}]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from swarm_peer.peer import add_network_args, check_network_args, setup_logging, start_dht
+
+    parser = argparse.ArgumentParser(prog="python -m swarm_peer monitor", description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    add_network_args(parser)
+    parser.add_argument("--wandb-project", "--wandb_project", help="log to this W&B project (offline without a key)")
+    parser.add_argument("--wandb-entity", "--wandb_entity")
+    parser.add_argument("--wandb-run-name", "--wandb_run_name")
+    parser.add_argument("--wandb-dir", "--wandb_dir", help="where W&B writes its files (default: ./wandb)")
+    parser.add_argument("--history-json", "--history_json", help="also append every logged row here (JSON lines)")
+    parser.add_argument("--until-done", "--until_done", action="store_true",
+                        help="exit once peers were seen and none is left (run_local_experiment.sh uses it)")
+    parser.add_argument("--max-seconds", "--max_seconds", type=float, default=7 * 24 * 3600)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    setup_logging(args.verbose)
+    check_network_args(args)
+    from swarm_peer.records import make_validators, read_stage_records
+
+    num_stages, period = cfg.swarm.num_stages, cfg.run.metrics_period
+    dht = start_dht(args, make_validators(args.run_id, num_stages))
+    run = None
+    if args.wandb_project or cfg.run.wandb_project:
+        from swarm_peer.wandb_log import open_run
+
+        run = open_run(args.wandb_project or cfg.run.wandb_project, args.wandb_entity or cfg.run.wandb_entity,
+                       args.wandb_run_name or cfg.run.wandb_run_name or f"{args.run_id}-monitor",
+                       config={**cfg.model_dump(mode="json"), "run_id": args.run_id}, directory=args.wandb_dir,
+                       job_type="monitor")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    print(f"[monitor] run {args.run_id!r}: {num_stages} stages, windows of {period:g}s"
+          f"{', logging to W&B' if run else ''}", flush=True)
+    from hivemind.utils import get_dht_time
+
+    logged, first_window, seen, empty_since = None, None, False, None
+    deadline = time.monotonic() + args.max_seconds
+    try:
+        while not stop and time.monotonic() < deadline:
+            time.sleep(min(1.0, period / 4))
+            now = get_dht_time()
+            window = int((now - 0.5 * period) // period) - 1  # closed half a period ago: every peer has published
+            if logged is None or window > logged:
+                rows = read_all(dht, args.run_id, num_stages)
+                row = aggregate(rows, window, num_stages, now)
+                if row["alive"] or "loss" in row:
+                    first_window = window if first_window is None else first_window
+                    _log(run, row, window - first_window, num_stages, args.history_json)
+                logged = window
+            if args.until_done:
+                active = any(p.record.state in ("online", "idle") for s in range(num_stages)
+                             for p in read_stage_records(dht, args.run_id, s))
+                seen |= active
+                empty_since = None if active else (empty_since or time.monotonic())
+                if seen and empty_since and time.monotonic() - empty_since > 2 * period:
+                    print("[monitor] every peer has finished", flush=True)
+                    break
+    finally:
+        if run is not None:
+            run.finish()
+        dht.shutdown()
+    return 0
+
+
+def _log(run, row: dict, step: int, num_stages: int, history_json: str | None) -> None:
+    import json
+
+    print(format_row(row, num_stages, step), flush=True)
+    if run is not None:
+        run.log({k: v for k, v in row.items() if k != "window"}, step=step)
+    if history_json:
+        Path(history_json).parent.mkdir(parents=True, exist_ok=True)
+        with open(history_json, "a") as f:
+            f.write(json.dumps({"step": step, **row}) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

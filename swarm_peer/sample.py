@@ -1,0 +1,102 @@
+"""`python -m swarm_peer sample --initial-peers … --prompt "…" [--max-new-tokens N]`: generate through the live pipeline.
+
+The prompt's token ids go to a stage-0 peer as an inference request (no gradients, no training window); each stage
+forwards to a next-stage peer of its choosing and the last stage returns the logits at the prompt's last position.
+One request per new token (no KV cache: the models this runs on CPUs are small); the context is the last seq_len
+tokens, right-padded (causal attention: padding after the position does not change its logits).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+
+import torch
+
+from swarm_peer.config import add_config_args, config_from_args
+
+
+def pick_token(logits: torch.Tensor, temperature: float, top_k: int, rng: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        cutoff = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=rng))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from swarm_peer.peer import _fail, add_network_args, check_network_args, setup_logging, start_dht
+
+    parser = argparse.ArgumentParser(prog="python -m swarm_peer sample", description=__doc__.splitlines()[0])
+    add_config_args(parser)
+    add_network_args(parser)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", "--top_k", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    args = parser.parse_args(argv)
+    if not args.initial_peers:
+        raise _fail("sample needs --initial-peers of a running swarm")
+    if not 1 <= args.max_new_tokens <= 100_000:
+        raise _fail("--max-new-tokens must be in 1..100000")
+    cfg = config_from_args(args)
+    setup_logging(args.verbose)
+    check_network_args(args)
+    from hivemind.p2p import PeerID
+
+    from swarm_peer.data import get_tokenizer
+    from swarm_peer.model import stage_fingerprint
+    from swarm_peer.records import make_validators, read_stage_records
+    from swarm_peer.transport import LoopThread, RemoteError, TransportError, call_forward
+
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    tokens = tokenizer.encode(args.prompt)
+    if not tokens:
+        raise _fail("--prompt is empty after tokenization")
+    args.client_mode = True
+    dht = start_dht(args, make_validators(args.run_id, cfg.swarm.num_stages), quiet=True)
+    loop = LoopThread()
+    rng, pick = torch.Generator().manual_seed(args.seed), random.Random(args.seed)
+    seq, fingerprint, new = cfg.data.seq_len, stage_fingerprint(cfg, 0), []
+    try:
+        p2p = loop.run(dht.replicate_p2p(), timeout=60)
+        for i in range(args.max_new_tokens):
+            context = (tokens + new)[-seq:]
+            ids = torch.zeros(1, seq, dtype=torch.int64)
+            ids[0, :len(context)] = torch.tensor(context)
+            meta = {"mb": f"sample:{i}", "n": 1, "sample": len(context) - 1}
+            for _ in range(10):  # a stage-0 peer that fails is skipped for another
+                peers = [p.record.peer_id for p in read_stage_records(dht, args.run_id, 0)
+                         if p.record.state == "online" and not p.record.client_mode
+                         and p.record.fingerprint == fingerprint]
+                if not peers:
+                    print("error: no stage-0 peer of this config accepts requests (all in client mode or none online)",
+                          file=sys.stderr)
+                    return 1
+                try:
+                    _, out = loop.run(call_forward(p2p, PeerID.from_base58(pick.choice(peers)), meta,
+                                                   [ids, torch.zeros_like(ids)], "none", args.timeout,
+                                                   namespace=args.run_id), args.timeout + 5)
+                    break
+                except (RemoteError, TransportError) as e:
+                    print(f"warning: request failed ({e}); retrying", file=sys.stderr)
+            else:
+                print("error: the pipeline did not answer", file=sys.stderr)
+                return 1
+            token = pick_token(out[0][0], args.temperature, args.top_k, rng)
+            if token == getattr(tokenizer, "eos_id", None):
+                break
+            new.append(token)
+    finally:
+        loop.stop()
+        dht.shutdown()
+    print(args.prompt + tokenizer.decode(new), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""What a peer reports: a metric record per time window in the DHT (for the monitor and `status`) and one progress
+line per interval on its console.
+
+Windows are aligned on DHT time (window = floor(time / period)), so every peer closes window w at about the same
+moment and publishes its figures for w right then: the monitor aggregates one window at a time and never mixes them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+from hivemind.utils import get_dht_time
+
+from swarm_peer.records import MetricRecord, store_metric_record
+
+log = logging.getLogger("swarm_peer")
+
+
+class PeerTelemetry:
+    def __init__(self, worker, period: float):
+        self.worker, self.period = worker, period
+        self.loss_sum, self.loss_count = 0.0, 0  # training losses seen in the current window (last stage)
+        self.eval_loss: float | None = None
+        self.eval_step = 0
+        self.eval_curve: list[list[float]] = []
+        self._window_tokens = 0
+
+    def on_loss(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self.loss_sum += loss
+            self.loss_count += 1
+
+    def on_eval(self, step: int, loss: float) -> None:
+        self.eval_loss, self.eval_step = loss, step
+        self.eval_curve.append([step, loss])
+
+    def record(self, window: int, tokens_per_s: float) -> MetricRecord:
+        from swarm_peer.transport import STATS
+
+        w, sync = self.worker, self.worker.sync
+        traffic = list(sync.averager.traffic) if sync.averager is not None else [0, 0, 0]
+        wire = STATS.snapshot()
+        return MetricRecord(
+            peer_id=w.peer_id, stage=w.stage, state=w.state, window=window, period=float(self.period),
+            round=sync.progress.round, inner_step=w.trainer.inner_step, samples=w.trainer.samples_stepped,
+            tokens=w.trainer.samples_stepped * w.cfg.data.seq_len, loss_sum=float(self.loss_sum),
+            loss_count=self.loss_count, eval_loss=None if self.eval_loss is None else float(min(self.eval_loss, 1e6)),
+            eval_step=self.eval_step, tokens_per_s=float(tokens_per_s),
+            queue=(w.window.waiting if w.window else 0) + w.compute.pending(),
+            inflight=w.window.pending if w.window else 0,
+            sync_seconds=float(sum(r["seconds"] for r in sync.rounds)),
+            bytes_sent=int(wire["bytes_sent"] + traffic[0]), bytes_received=int(wire["bytes_received"] + traffic[1]),
+            global_hash=sync.progress.global_hash, round_ok=sync.progress.round_ok)
+
+    async def publish_loop(self) -> None:
+        """At every window boundary: publish the closed window's figures, then reset the window counters."""
+        last_tokens = self.worker.trainer.samples_stepped * self.worker.cfg.data.seq_len
+        while self.worker.state in ("online", "idle"):
+            now = get_dht_time()
+            window = int(now // self.period)
+            await asyncio.sleep(max(0.0, (window + 1) * self.period - now) + 0.05)
+            tokens = self.worker.trainer.samples_stepped * self.worker.cfg.data.seq_len
+            record = self.record(window, (tokens - last_tokens) / self.period)
+            self.loss_sum, self.loss_count, last_tokens = 0.0, 0, tokens
+            await self.publish(record)
+
+    async def publish(self, record: MetricRecord) -> None:
+        w = self.worker
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, store_metric_record, w.dht, w.run_id, record, w.announcer.subkey, 3 * self.period)
+        except Exception as e:
+            log.warning(f"could not publish metrics: {e}")
+
+    async def progress_loop(self, every: float = 5.0) -> None:
+        """One line per interval: stage, step, loss, tokens/s, round, next-stage peers."""
+        w = self.worker
+        last_t, last_samples = time.monotonic(), 0
+        while True:
+            await asyncio.sleep(every)
+            now, samples = time.monotonic(), w.trainer.samples_stepped
+            rate = (samples - last_samples) * w.cfg.data.seq_len / max(now - last_t, 1e-6)
+            loss = f" | loss {w.loss_curve[-1][1]:.4f}" if w.loss_curve else ""
+            val = f" | val {self.eval_loss:.4f}" if self.eval_loss is not None else ""
+            rnd = f" | round {w.sync.progress.round}" if w.sync.mode != "none" else ""
+            nxt = "" if w.spec.is_last else f" | next-stage peers {len(w.router.live())}"
+            print(f"[stage {w.stage}] step {w.trainer.inner_step}{loss}{val} | {rate:,.0f} tok/s{rnd} | "
+                  f"microbatches {w.stats['microbatches']}{nxt}", flush=True)
+            last_t, last_samples = now, samples

@@ -1,0 +1,57 @@
+"""The monitor's aggregation (pure): one window at a time, only fresh records, only training peers alive."""
+import math
+
+from swarm_peer.monitor import aggregate, format_row
+from swarm_peer.records import MetricRecord
+from swarm_peer.status import stage_report
+
+H1, H2 = "1111111111111111", "2222222222222222"
+
+
+def rec(peer, stage, window, loss_sum=0.0, count=0, state="online", rnd=3, h=H1, samples=0, tps=0.0, eval_loss=None):
+    return MetricRecord(peer_id=peer, stage=stage, state=state, window=window, period=10.0, round=rnd, inner_step=5,
+                        samples=samples, tokens=samples * 128, loss_sum=loss_sum, loss_count=count,
+                        eval_loss=eval_loss, eval_step=0, tokens_per_s=tps, queue=0, inflight=0, sync_seconds=1.5,
+                        bytes_sent=10, bytes_received=10, global_hash=h, round_ok=True)
+
+
+def test_global_loss_and_alive_counts_use_one_window_and_fresh_records():
+    now = 1000.0
+    records = [
+        (rec("a", 0, 7, samples=100, tps=50.0, eval_loss=2.0), now + 20),
+        (rec("b", 0, 7, samples=60, tps=30.0, eval_loss=3.0), now + 20),
+        (rec("c", 0, 6, samples=999, tps=999.0), now + 20),  # an older window: not mixed in
+        (rec("d", 1, 7, loss_sum=12.0, count=4), now + 20),  # loss 3.0 x 4 microbatches
+        (rec("e", 1, 7, loss_sum=4.0, count=2, h=H2), now + 20),  # loss 2.0 x 2, another weights hash
+        (rec("f", 1, 7, loss_sum=5.0, count=1, rnd=4), now + 20),  # a newer round: it alone defines the top
+        (rec("g", 1, 7, loss_sum=100.0, count=1), now - 1),  # expired: neither loss nor alive
+        (rec("h", 1, 7, loss_sum=1.0, count=1, state="idle"), now + 20),  # done training: loss counts, not alive
+        (rec("i", 1, 8, loss_sum=50.0, count=5), now + 20),  # the next window
+    ]
+    row = aggregate(records, window=7, num_stages=2, now=now)
+    assert math.isclose(row["loss"], (12.0 + 4.0 + 5.0 + 1.0) / (4 + 2 + 1 + 1))
+    assert row["loss_microbatches"] == 8
+    assert row["alive/stage0"] == 2 and row["alive/stage1"] == 3 and row["alive"] == 5
+    assert row["tokens_per_s"] == 80.0 and row["samples"] == 160
+    assert row["round/stage1"] == 4 and math.isclose(row["hash_agreement/stage1"], 1 / 4)
+    assert row["round/stage0"] == 3 and row["hash_agreement/stage0"] == 1.0
+    assert math.isclose(row["eval_loss"], 2.5) and math.isclose(row["eval_perplexity"], math.exp(2.5))
+    assert "window 3" in format_row(row, 2, 3)
+    # a window with no last-stage report has no loss (rather than a made-up one)
+    assert "loss" not in aggregate(records, window=6, num_stages=2, now=now)
+
+
+def test_status_report_warns_about_empty_lone_and_drifting():
+    from swarm_peer.records import PeerInfo
+    from tests.test_sync_logic import rec as stage_rec
+
+    peers = [PeerInfo(stage_rec("a", round=3, hash=H1), 120.0), PeerInfo(stage_rec("b", round=3, hash=H1), 120.0),
+             PeerInfo(stage_rec("c", round=3, hash=H2), 120.0)]
+    report, warnings = stage_report(1, peers, ttl=20.0, now=110.0)
+    assert [p["hash_agrees"] for p in report["peers"]] == [True, True, False]
+    assert report["live"] == 3 and report["peers"][0]["last_seen_s"] == 10.0
+    assert len(warnings) == 1 and "drifting" in warnings[0] and "c"[-8:] in warnings[0]
+    _, warnings = stage_report(0, [], ttl=20.0, now=0.0)
+    assert "no live peer" in warnings[0]
+    _, warnings = stage_report(0, peers[:1], ttl=20.0, now=110.0)
+    assert "lone peer" in warnings[0]
