@@ -14,6 +14,15 @@ from tests.conftest import PYTHON, ROOT
     (["--stage", "0", "--run-id", "bad.id"], "--run-id"),
     (["--stage", "0", "--data-shard", "3/2"], "--data-shard"),
     (["--stage", "0", "--set", "swarm.num_stages=0"], "swarm.num_stages"),
+    (["--stage", "0", "--set", "swarm.sync_mode=gossip"], "swarm.sync_mode"),
+    (["--stage", "0", "--set", "swarm.averaging_timeout=-1"], "swarm.averaging_timeout"),
+    (["status"], "--initial-peers"),
+    (["status", "--initial-peers", "garbage"], "--initial-peers"),
+    (["sample", "--prompt", "x"], "--initial-peers"),
+    (["sample", "--prompt", "x", "--max-new-tokens", "0", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmPeer"],
+     "--max-new-tokens"),
+    (["monitor", "--set", "run.metrics_period=0"], "run.metrics_period"),
+    (["monitor", "--run-id", "bad.id"], "--run-id"),
 ])
 def test_peer_cli_bad_input_exits_2(args, needle):
     proc = subprocess.run([PYTHON, "-m", "swarm_peer", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
