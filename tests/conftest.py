@@ -18,3 +18,21 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
 def cache_dir(tmp_path_factory):
     """One corpus cache for the whole session, so the embedded corpus is tokenized once."""
     return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture
+def swarm_factory(tmp_path, cache_dir):
+    """Swarm(s) of real peer processes; every process (p2pd included) is gone after the test, or it fails."""
+    from tests.swarm_harness import Swarm
+
+    swarms = []
+
+    def make(run_id, overrides=()):
+        s = Swarm(tmp_path, run_id, list(overrides), cache_dir)
+        swarms.append(s)
+        return s
+
+    yield make
+    for s in swarms:
+        leftovers = s.cleanup()
+        assert not leftovers, f"processes outlived their peers: {leftovers}"

@@ -4,24 +4,8 @@ import time
 import pytest
 
 from swarm_peer.averaging import TEST_CRASH_ENV
-from tests.swarm_harness import Swarm
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def swarm_factory(tmp_path, cache_dir):
-    swarms = []
-
-    def make(run_id, overrides=()):
-        s = Swarm(tmp_path, run_id, list(overrides), cache_dir)
-        swarms.append(s)
-        return s
-
-    yield make
-    for s in swarms:
-        leftovers = s.cleanup()
-        assert not leftovers, f"processes outlived their peers: {leftovers}"
 
 
 def _rounds(summary) -> dict[int, dict]:

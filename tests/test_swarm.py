@@ -7,24 +7,9 @@ import torch
 from swarm_peer.config import load_config
 from swarm_peer.model import stage_layer_ranges
 from tests.conftest import PYTHON, ROOT
-from tests.swarm_harness import FAST, Swarm
+from tests.swarm_harness import FAST
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def swarm_factory(tmp_path, cache_dir):
-    swarms = []
-
-    def make(run_id, overrides=()):
-        s = Swarm(tmp_path, run_id, list(overrides), cache_dir)
-        swarms.append(s)
-        return s
-
-    yield make
-    for s in swarms:
-        leftovers = s.cleanup()
-        assert not leftovers, f"processes outlived their peers: {leftovers}"
 
 
 def _baseline(tmp_path, cache_dir, overrides, steps):
