@@ -29,6 +29,8 @@ from swarm_peer.routing import Candidate, Router
 from swarm_peer.sync import StageSync, format_round, stage_peers
 from swarm_peer.telemetry import PeerTelemetry
 from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
+from swarm_peer.validation import (RequestShape, validate_hidden_request, validate_sample_position,
+                                   validate_token_request)
 
 log = logging.getLogger("swarm_peer")
 MAX_HOP_ATTEMPTS = 50  # per microbatch per hop; bounded so nothing retries forever
@@ -232,31 +234,17 @@ class StageWorker:
         raise RuntimeError(f"no stage {self.stage + 1} peer took the microbatch ({failures} failures)")
 
     # ----------------------------------------------------------------------------------------- serving
-    def _validate(self, meta: dict, tensors: list) -> tuple[int, torch.Tensor, torch.Tensor]:
-        if not isinstance(meta, dict) or not isinstance(meta.get("mb"), str) or len(meta["mb"]) > 64:
-            raise ValueError("metadata needs a microbatch id 'mb' (str, <= 64 chars)")
-        if len(tensors) != 2:
-            raise ValueError(f"expected [hidden, labels], got {len(tensors)} tensors")
-        hidden, labels = tensors
-        n, seq, hid = self.cfg.data.microbatch_size, self.cfg.data.seq_len, self.trainer.model.hf.hidden_size
-        if not hidden.is_floating_point() or hidden.ndim != 3 or not (1 <= hidden.shape[0] <= n) \
-                or tuple(hidden.shape[1:]) != (seq, hid):
-            raise ValueError(f"hidden must be float [<= {n}, {seq}, {hid}], got {hidden.dtype} {tuple(hidden.shape)}")
-        if labels.is_floating_point() or tuple(labels.shape) != tuple(hidden.shape[:2]):
-            raise ValueError(f"labels must be integer {tuple(hidden.shape[:2])}, got {labels.dtype} {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.trainer.model.hf.vocab_size):
-            raise ValueError("labels out of vocabulary range")
-        if not torch.isfinite(hidden).all():
-            raise ValueError("non-finite activations")
-        return hidden.shape[0], hidden.float() if hidden.dtype != torch.float32 else hidden, labels.long()
+    def _shape(self) -> RequestShape:
+        hf = self.trainer.model.hf
+        return RequestShape(self.cfg.data.microbatch_size, self.cfg.data.seq_len, hf.hidden_size, hf.vocab_size)
 
     async def handle(self, meta: dict, tensors: list, remote) -> tuple[dict, list]:
         if self.state != "online":
             raise RuntimeError(f"busy: peer is {self.state}")
         if self.spec.is_first:  # stage 0 owns the data: it serves only inference (eval / sample) from token ids
-            ids, labels = self._validate_ids(meta, tensors)
+            ids, labels = validate_token_request(meta, tensors, self._shape())
             return await self._handle_eval(meta, ids, labels)
-        samples, hidden, labels = self._validate(meta, tensors)
+        samples, hidden, labels = validate_hidden_request(meta, tensors, self._shape())
         if self.window.waiting + self.window.pending >= 2 * self.cfg.swarm.max_inflight:
             raise RuntimeError("busy: queue full")  # backpressure: the sender reroutes
         if self.sync.progress.syncing:
@@ -282,28 +270,9 @@ class StageWorker:
         finally:
             self.window.finish(samples, ok)
 
-    def _validate_ids(self, meta: dict, tensors: list) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(meta, dict) or not (meta.get("eval") or "sample" in meta) or not isinstance(meta.get("mb"), str):
-            raise ValueError("stage 0 takes only eval/sample requests: metadata {'mb': str, 'eval': true | 'sample': pos}")
-        if len(tensors) != 2:
-            raise ValueError(f"expected [token ids, labels], got {len(tensors)} tensors")
-        ids, labels = tensors
-        n, seq, vocab = self.cfg.data.microbatch_size, self.cfg.data.seq_len, self.trainer.model.hf.vocab_size
-        for name, t in (("token ids", ids), ("labels", labels)):
-            if t.is_floating_point() or t.ndim != 2 or not 1 <= t.shape[0] <= n or t.shape[1] != seq:
-                raise ValueError(f"{name} must be integer [<= {n}, {seq}], got {t.dtype} {tuple(t.shape)}")
-            if t.numel() and (t.min() < 0 or t.max() >= vocab):
-                raise ValueError(f"{name} out of vocabulary range")
-        if ids.shape != labels.shape:
-            raise ValueError("token ids and labels differ in shape")
-        return ids.long(), labels.long()
-
     async def _handle_eval(self, meta: dict, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[dict, list]:
         """No gradients, no window: eval returns the last stage's loss, sample its logits at position `sample`."""
-        if "sample" in meta:
-            pos = meta["sample"]
-            if type(pos) is not int or not 0 <= pos < self.cfg.data.seq_len:
-                raise ValueError(f"sample position must be an int in [0, {self.cfg.data.seq_len})")
+        validate_sample_position(meta, self.cfg.data.seq_len)
         if self.spec.is_last:
             if "sample" in meta:
                 logits = await self.compute.run(FORWARD, lambda: self.trainer.forward_no_grad(hidden))
