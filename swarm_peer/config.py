@@ -129,6 +129,7 @@ class RunConfig(_Section):
     eval_batches: int = Field(8, gt=0)  # microbatches per validation pass
     log_interval: int = Field(5, gt=0)
     metrics_period: float = Field(10.0, ge=0.5, le=3600.0)  # seconds per metrics window (peers and monitor)
+    checkpoint_interval: float = Field(60.0, gt=0.0)  # seconds between checkpoints (with --checkpoint-dir)
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default
     wandb_project: Optional[str] = None
     wandb_entity: Optional[str] = None

@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-shard", "--data_shard", default=None, metavar="K/N",
                         help="stage 0: read shard K of N (default: the whole set in a peer-specific order)")
     parser.add_argument("--save-weights", "--save_weights", help="save the final stage weights (torch.save) here")
+    parser.add_argument("--checkpoint-dir", "--checkpoint_dir",
+                        help="save this peer's state here every run.checkpoint_interval s and on exit; resume from it")
     parser.add_argument("--test-delay", "--test_delay", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     extra = [f"run.max_steps={args.max_steps}"] if args.max_steps is not None else []
@@ -143,6 +145,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: config: {e}", file=sys.stderr)
         return 2
+
+
+def resume(worker, directory: str) -> None:
+    """Load this stage's checkpoint from `directory` if there is one; a corrupt one stops the peer (exit 2)."""
+    from swarm_peer.checkpoint import CheckpointError, checkpoint_path, read_verified, restore
+
+    path = checkpoint_path(directory, worker.stage)
+    if not path.exists():
+        return
+    try:
+        restore(worker, read_verified(path))
+    except CheckpointError as e:
+        raise _fail(str(e))
+    p = worker.sync.progress
+    worker.resumed_from = {"path": str(path), "inner_step": worker.trainer.inner_step, "round": p.round,
+                           "global_hash": p.global_hash}
+    print(f"[stage {worker.stage}] resumed from checkpoint {path}: inner step {worker.trainer.inner_step}, "
+          f"round {p.round}, weights {p.global_hash}", flush=True)
 
 
 def run_peer(cfg, args, shard: tuple[int, int]) -> int:
@@ -175,7 +195,11 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
                              client_mode=args.client_mode, test_delay=args.test_delay,
                              address=str(maddrs[0]) if maddrs else "", val_batches=val,
                              metrics_period=cfg.run.metrics_period)
-        # adopt the stage's current weights (DiLoCo state) before serving or announcing anything
+        if args.checkpoint_dir:
+            worker.checkpoint_dir = args.checkpoint_dir
+            resume(worker, args.checkpoint_dir)
+        # adopt the stage's current weights (DiLoCo state) before serving or announcing anything; a resumed peer
+        # whose stage has moved on downloads the newer state
         loop.run(worker.sync.join(worker._refresh_stage), timeout=15 * max(30.0, cfg.swarm.averaging_timeout))
         if not args.client_mode:  # stage 0 serves eval/sample requests (`python -m swarm_peer sample`)
             loop.run(worker.servicer().add_p2p_handlers(p2p, namespace=args.run_id), timeout=30)
@@ -196,6 +220,8 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
                 break
             except TimeoutError:
                 continue
+        if args.checkpoint_dir:
+            loop.run(worker.save_checkpoint("signal" if worker.stop_event.is_set() else "end"), timeout=300)
         summary = worker.summary()
         if args.summary_json:
             Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)

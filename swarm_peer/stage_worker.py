@@ -61,6 +61,9 @@ class StageWorker:
         self.sync = StageSync(cfg, stage, dht, run_id, self.trainer, self.compute, self.fingerprint)
         self._sync_waiters: list[asyncio.Future] = []  # callers waiting for a round run by the stepper
         self.address, self.val_batches = address[:256], list(val_batches)
+        self.checkpoint_dir: str | None = None  # set by the CLI (--checkpoint-dir)
+        self.resumed_from: dict | None = None
+        self._last_checkpoint = time.monotonic()
         self.telemetry = PeerTelemetry(self, metrics_period)
         self._recover_wanted = False
         self.window: GradientWindow | None = None  # created on the loop
@@ -167,7 +170,7 @@ class StageWorker:
             await self._in_thread(self._refresh_stage)
             if not any(o.state == "online" for o in self.sync.others):
                 if not self.sync.unmerged_work():
-                    return
+                    return await self._linger_for_laggards()
                 try:
                     await asyncio.wait_for(self.request_round(), 3 * self.cfg.swarm.averaging_timeout)
                 except asyncio.TimeoutError:
@@ -176,6 +179,30 @@ class StageWorker:
                 continue
             await asyncio.sleep(0.5)
         log.warning(f"stage {self.stage}: stage peers still training after {self.cfg.swarm.finish_timeout:g}s; leaving")
+
+    async def _linger_for_laggards(self) -> None:
+        """Before leaving: a stage peer still in an older round (its end of the last all-reduce failed, e.g. our reply
+        stream was cut) recovers from us, so we keep serving our state until it has caught up (bounded)."""
+        deadline = time.monotonic() + self.cfg.swarm.averaging_timeout + 2 * self.cfg.swarm.record_ttl
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            if not any(o.round < self.sync.progress.round for o in self.sync.others):
+                return
+            await asyncio.sleep(0.5)
+            await self._in_thread(self._refresh_stage)
+
+    async def save_checkpoint(self, reason: str) -> None:
+        """Atomic checkpoint of this peer's state (captured on the compute thread, written in another)."""
+        from swarm_peer.checkpoint import capture, checkpoint_path, write_atomic
+
+        self._last_checkpoint = time.monotonic()
+        try:
+            state = await self.compute.run(STEP, lambda: capture(self))
+            path = checkpoint_path(self.checkpoint_dir, self.stage)
+            nbytes = await self._in_thread(write_atomic, path, state)
+            log.info(f"checkpoint ({reason}): inner step {state['inner_step']}, round {state['progress']['round']}, "
+                     f"{nbytes / 2**20:.1f} MiB -> {path}")
+        except Exception as e:
+            log.warning(f"checkpoint ({reason}) failed: {e}")
 
     async def request_round(self) -> None:
         """Ask the stepper for a round now (end of run) and wait until it has run it."""
@@ -346,6 +373,8 @@ class StageWorker:
             if donors or self._recover_wanted:
                 self._recover_wanted = not await self.sync.recover(
                     donors or self.sync.top_peers(), "behind the stage" if self._recover_wanted else "weights disagree")
+            if self.checkpoint_dir and time.monotonic() - self._last_checkpoint >= self.cfg.run.checkpoint_interval:
+                await self.save_checkpoint("periodic")
             for future in waiters:
                 if not future.done():
                     future.set_result(None)
@@ -464,7 +493,7 @@ class StageWorker:
             "compute_time_s": self.trainer.compute_seconds,
             "forwarded_to": self.router.sent_counts(), "transport": STATS.snapshot(),
             "final_weights_hash": self.trainer.weights_hash(), "fingerprint": self.fingerprint,
-            "sync": self.sync.summary(), "eval_curve": self.telemetry.eval_curve,
+            "sync": self.sync.summary(), "eval_curve": self.telemetry.eval_curve, "resumed_from": self.resumed_from,
             "config": self.cfg.model_dump(mode="json"),
         }
 
