@@ -121,8 +121,11 @@ def test_diloco_h1_lr1_no_momentum_is_parameter_averaging_every_step(swarm_facto
     for stage in ("s0", "s1"):
         peers = [s[f"{stage}p0"], s[f"{stage}p1"]]
         _assert_stage_agrees(peers)
-        for p in peers:  # H is a stage average: about one round per inner step
-            assert len(p["sync"]["rounds"]) >= 0.6 * p["inner_steps"], p["sync"]["rounds"]
+        # H is a stage average: about one round per (stage-mean) inner step; under load the trigger lags a little
+        mean_steps = sum(p["inner_steps"] for p in peers) / 2
+        for p in peers:
+            assert len(p["sync"]["rounds"]) >= 0.5 * mean_steps, (mean_steps, p["sync"]["rounds"])
+            assert all(r["ok"] and r["group_size"] == 2 for r in p["sync"]["rounds"]), p["sync"]["rounds"]
 
 
 def test_status_json_and_sample_on_a_live_swarm(swarm_factory, tmp_path):
