@@ -125,7 +125,7 @@ def test_diloco_h1_lr1_no_momentum_is_parameter_averaging_every_step(swarm_facto
         mean_steps = sum(p["inner_steps"] for p in peers) / 2
         for p in peers:
             assert len(p["sync"]["rounds"]) >= 0.5 * mean_steps, (mean_steps, p["sync"]["rounds"])
-            assert all(r["ok"] and r["group_size"] == 2 for r in p["sync"]["rounds"]), p["sync"]["rounds"]
+            assert all(r["ok"] for r in p["sync"]["rounds"]), p["sync"]["rounds"]
 
 
 def test_status_json_and_sample_on_a_live_swarm(swarm_factory, tmp_path):
