@@ -109,7 +109,7 @@ def test_sync_mode_averages_gradients_every_step(swarm_factory):
             rounds = p["sync"]["rounds"]
             print(stage, [(r["round"], r["group_size"], r["outcome"]) for r in rounds], p["sync"]["recoveries"])
             assert all("grad_norm" in r for r in rounds)
-            assert sum(r["group_size"] == 2 for r in rounds) >= 0.6 * p["inner_steps"]
+            assert sum(r["group_size"] == 2 for r in rounds) >= 0.5 * p["inner_steps"]
             assert len(rounds) + sum(1 for e in p["sync"]["recoveries"]) >= p["inner_steps"] - 1
 
 
