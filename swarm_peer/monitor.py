@@ -65,13 +65,19 @@ def read_all(dht, run_id: str, num_stages: int) -> list[tuple[MetricRecord, floa
     return out
 
 
+def format_header(num_stages: int) -> str:
+    stages = " ".join(f"{f'stage{i} alive/round/agree':>24}" for i in range(num_stages))
+    return f"[monitor] {'window':>6} {'loss':>8} {'val loss':>8} {'ppl':>7} {'tok/s':>8} {'samples':>9} {'alive':>5} {stages}"
+
+
 def format_row(row: dict, num_stages: int, step: int) -> str:
-    loss = f"loss {row['loss']:.4f}" if "loss" in row else "loss -"
-    val = f" | val {row['eval_loss']:.4f} (ppl {row['eval_perplexity']:.1f})" if "eval_loss" in row else ""
-    stages = " ".join(f"s{i}:{row[f'alive/stage{i}']}p/r{row.get(f'round/stage{i}', '-')}"
-                      f"/{row.get(f'hash_agreement/stage{i}', 0):.0%}" for i in range(num_stages))
-    return (f"[monitor] window {step} | {loss}{val} | {row['tokens_per_s']:,.0f} tok/s | "
-            f"samples {row['samples']:,} | alive {row['alive']} [{stages}]")
+    """One row of the monitor's console table (header: format_header)."""
+    loss = f"{row['loss']:8.4f}" if "loss" in row else f"{'-':>8}"
+    val = f"{row['eval_loss']:8.4f} {row['eval_perplexity']:7.1f}" if "eval_loss" in row else f"{'-':>8} {'-':>7}"
+    stages = " ".join(f"{row[f'alive/stage{i}']:>12}/{row.get(f'round/stage{i}', '-'):>4}/"
+                      f"{row.get(f'hash_agreement/stage{i}', 0):>6.0%}" for i in range(num_stages))
+    return (f"[monitor] {step:>6} {loss} {val} {row['tokens_per_s']:>8,.0f} {row['samples']:>9,} {row['alive']:>5} "
+            f"{stages}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     print(f"[monitor] run {args.run_id!r}: {num_stages} stages, windows of {period:g}s"
           f"{', logging to W&B' if run else ''}", flush=True)
+    print(format_header(num_stages), flush=True)
     from hivemind.utils import get_dht_time
 
     logged, first_window, seen, empty_since = None, None, False, None

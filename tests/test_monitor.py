@@ -1,7 +1,7 @@
 """The monitor's aggregation (pure): one window at a time, only fresh records, only training peers alive."""
 import math
 
-from swarm_peer.monitor import aggregate, format_row
+from swarm_peer.monitor import aggregate, format_header, format_row
 from swarm_peer.records import MetricRecord
 from swarm_peer.status import stage_report
 
@@ -36,7 +36,9 @@ def test_global_loss_and_alive_counts_use_one_window_and_fresh_records():
     assert row["round/stage1"] == 4 and math.isclose(row["hash_agreement/stage1"], 1 / 4)
     assert row["round/stage0"] == 3 and row["hash_agreement/stage0"] == 1.0
     assert math.isclose(row["eval_loss"], 2.5) and math.isclose(row["eval_perplexity"], math.exp(2.5))
-    assert "window 3" in format_row(row, 2, 3)
+    line, header = format_row(row, 2, 3), format_header(2)
+    assert line.split()[1:4] == ["3", f"{row['loss']:.4f}", "2.5000"] and "stage1 alive/round/agree" in header
+    assert line.split()[-1] == "25%" and len(line) <= len(header) + 2  # columns line up under the header
     # a window with no last-stage report has no loss (rather than a made-up one)
     assert "loss" not in aggregate(records, window=6, num_stages=2, now=now)
 
