@@ -242,7 +242,8 @@ class StageSync:
         self.progress.syncing = True
         await publish()
         samples = self.progress.round_samples if self.outer else completed_samples
-        weight = float(samples) if samples > 0 else 0.0  # an idle peer's Δ = 0 must not dilute the average
+        # an idle peer's Δ = 0 must not dilute the average; never 0 (a group of all-zero weights would divide 0 by 0)
+        weight = float(samples) if samples > 0 else 1e-6
         if self.outer:
             await self.compute.run(STEP, lambda: self.outer.pseudo_gradient(self.trainer.params, out=self.own))
         else:
