@@ -38,6 +38,16 @@ def _wait_all(swarm, names, timeout=300):
     return {n: swarm.summary(n) for n in names}
 
 
+def _run_two_by_two(swarm, steps: int) -> dict[str, dict]:
+    """2 stages x 2 peers until the end; their summaries by name."""
+    _start_pipeline(swarm, 2, 2, steps=steps)
+    return _wait_all(swarm, ["s0p0", "s0p1", "s1p0", "s1p1"])
+
+
+def _by_stage(summaries: dict[str, dict]) -> dict[str, list[dict]]:
+    return {stage: [summaries[f"{stage}p{p}"] for p in range(2)] for stage in ("s0", "s1")}
+
+
 def _falls(curve, margin=0.5):
     losses = [loss for _, loss in curve]
     return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - margin
@@ -45,10 +55,8 @@ def _falls(curve, margin=0.5):
 
 def test_diloco_two_by_two_rounds_agree_and_loss_falls(swarm_factory):
     swarm = swarm_factory("diloco", ["swarm.num_stages=2", "swarm.sync_every=4", "optim.inner.lr=3e-3"])
-    _start_pipeline(swarm, 2, 2, steps=24)
-    s = _wait_all(swarm, ["s0p0", "s0p1", "s1p0", "s1p1"])
-    for stage in ("s0", "s1"):
-        peers = [s[f"{stage}p0"], s[f"{stage}p1"]]
+    s = _run_two_by_two(swarm, steps=24)
+    for stage, peers in _by_stage(s).items():
         common = _assert_stage_agrees(peers)
         assert common >= 3, [p["sync"]["rounds"] for p in peers]
         both = set(_rounds(peers[0])) & set(_rounds(peers[1]))  # a peer that started late missed the first ones
@@ -98,10 +106,7 @@ def test_peer_killed_while_averaging(swarm_factory):
 
 def test_sync_mode_averages_gradients_every_step(swarm_factory):
     swarm = swarm_factory("syncmode", ["swarm.num_stages=2", "swarm.sync_mode=sync", "swarm.matchmaking_time=1"])
-    _start_pipeline(swarm, 2, 2, steps=10)
-    s = _wait_all(swarm, ["s0p0", "s0p1", "s1p0", "s1p1"])
-    for stage in ("s0", "s1"):
-        peers = [s[f"{stage}p0"], s[f"{stage}p1"]]
+    for stage, peers in _by_stage(_run_two_by_two(swarm, steps=10)).items():
         # identical replicas after every step they averaged together; a peer that missed a step (e.g. it started
         # later than its stage peer) downloaded the stage state instead
         assert _assert_stage_agrees(peers) >= 5
@@ -116,10 +121,7 @@ def test_sync_mode_averages_gradients_every_step(swarm_factory):
 def test_diloco_h1_lr1_no_momentum_is_parameter_averaging_every_step(swarm_factory):
     swarm = swarm_factory("h1", ["swarm.num_stages=2", "swarm.sync_every=1", "optim.outer.lr=1.0",
                                  "optim.outer.momentum=0.0", "swarm.matchmaking_time=1"])
-    _start_pipeline(swarm, 2, 2, steps=10)
-    s = _wait_all(swarm, ["s0p0", "s0p1", "s1p0", "s1p1"])
-    for stage in ("s0", "s1"):
-        peers = [s[f"{stage}p0"], s[f"{stage}p1"]]
+    for stage, peers in _by_stage(_run_two_by_two(swarm, steps=10)).items():
         _assert_stage_agrees(peers)
         # H is a stage average: about one round per (stage-mean) inner step; under load the trigger lags a little
         mean_steps = sum(p["inner_steps"] for p in peers) / 2
