@@ -139,7 +139,7 @@ class StageSync:
                 self.buffers, dht, get_state=self._state_for_download, prefix=f"{run_id}_avg{stage}", start=True,
                 min_group_size=2, target_group_size=None, initial_group_bits=round_bits(0),
                 min_matchmaking_time=sw.matchmaking_time, request_timeout=max(0.2, 0.5 * sw.matchmaking_time),
-                compression=compression_strategy(sw.compression.averaging), allreduce_timeout=sw.averaging_timeout,
+                compression=compression_strategy(sw.compression.averaging), allreduce_timeout=sw.averaging_timeout / 2,
                 next_chunk_timeout=sw.averaging_chunk_timeout, client_mode=False, declare_state_period=10)
 
     # ---- what this peer's state is, and what a downloader gets
