@@ -2,11 +2,12 @@
 # Spawn a whole swarm on this machine: S stages x P peers on loopback, one merged log, summaries under runs/<id>/.
 #
 #   ./run_local_experiment.sh [-s STAGES] [-p PEERS_PER_STAGE] [-c CONFIG] [--run-id ID] [--max-steps N]
-#                             [--timeout SECONDS] [--wandb-project P] [--no-monitor] [-- extra args for every peer]
+#                             [--timeout SECONDS] [--wandb-project P] [--no-monitor] [--private]
+#                             [-- extra args for every peer]
 #   ./run_local_experiment.sh stop [RUN_ID]          # stop a running experiment (default: the latest)
 #
 # A monitor peer starts first (the swarm's bootstrap) and logs the global loss to W&B (offline without an API key,
-# files under runs/<id>/wandb). Env defaults: N_STAGES, PEERS_PER_STAGE, CONFIG, WANDB_PROJECT. Exits non-zero if
+# files under runs/<id>/wandb). --private: a new swarm key in runs/<id>/swarm.key for every process. Env defaults: N_STAGES, PEERS_PER_STAGE, CONFIG, WANDB_PROJECT. Exits non-zero if
 # any peer failed.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -42,7 +43,7 @@ if [ "${1:-}" = "stop" ]; then
 fi
 
 STAGES=${N_STAGES:-2}; PEERS=${PEERS_PER_STAGE:-2}; CFG=${CONFIG:-configs/tiny.yaml}
-RUN_ID="local-$(date +%Y%m%d-%H%M%S)"; MAX_STEPS=""; TIMEOUT=3600; EXTRA=(); MONITOR=1
+RUN_ID="local-$(date +%Y%m%d-%H%M%S)"; MAX_STEPS=""; TIMEOUT=3600; EXTRA=(); MONITOR=1; PRIVATE=0
 WANDB_PROJECT=${WANDB_PROJECT:-swarm_peer}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -54,8 +55,9 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT=${2:?}; shift 2 ;;
     --wandb-project) WANDB_PROJECT=${2:?}; shift 2 ;;
     --no-monitor) MONITOR=0; shift ;;
+    --private) PRIVATE=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -74,6 +76,11 @@ echo $$ > "$DIR/runner.pid"
 TAILS=()
 COMMON=(--config "$CFG" --run-id "$RUN_ID" --host-maddrs /ip4/127.0.0.1/tcp/0 --set "swarm.num_stages=$STAGES"
         --set run.threads=1)
+KEY=()
+if [ $PRIVATE = 1 ]; then
+  "$PY" -m swarm_peer keygen "$DIR/swarm.key" > /dev/null || die "could not write $DIR/swarm.key"
+  KEY=(--swarm-key-file "$DIR/swarm.key"); COMMON+=("${KEY[@]}")
+fi
 [ -n "$MAX_STEPS" ] && COMMON+=(--max-steps "$MAX_STEPS")
 
 cleanup() {
@@ -109,7 +116,7 @@ if [ $MONITOR = 1 ]; then  # the monitor bootstraps the DHT and logs the global 
   SETS=(); for ((i = 0; i < ${#EXTRA[@]}; i++)); do
     [ "${EXTRA[$i]}" = "--set" ] && SETS+=(--set "${EXTRA[$((i + 1))]}"); done
   setsid "$PY" -m swarm_peer monitor --config "$CFG" --run-id "$RUN_ID" --host-maddrs /ip4/127.0.0.1/tcp/0 \
-      --set "swarm.num_stages=$STAGES" "${SETS[@]}" --maddrs-file "$DIR/monitor.maddrs" --until-done \
+      --set "swarm.num_stages=$STAGES" "${SETS[@]}" "${KEY[@]}" --maddrs-file "$DIR/monitor.maddrs" --until-done \
       --wandb-project "$WANDB_PROJECT" --wandb-dir "$DIR" --history-json "$DIR/monitor.jsonl" \
       > "$DIR/monitor.log" 2>&1 < /dev/null &
   echo "$! monitor" >> "$DIR/pids"

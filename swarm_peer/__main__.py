@@ -1,10 +1,10 @@
 """`python -m swarm_peer [--stage N ...]` starts a stage peer; the first word picks another tool:
 `monitor` (aggregate metrics, log to W&B), `status` (who serves what), `sample` (generate through the swarm),
-`baseline` (the single-process reference trainer)."""
+`baseline` (the single-process reference trainer), `keygen` (a new swarm key for a private swarm)."""
 import sys
 
 TOOLS = {"baseline": "swarm_peer.baseline", "monitor": "swarm_peer.monitor", "status": "swarm_peer.status",
-         "sample": "swarm_peer.sample"}
+         "sample": "swarm_peer.sample", "keygen": "swarm_peer.swarm_key"}
 
 
 def main() -> int:

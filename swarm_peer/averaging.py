@@ -12,7 +12,9 @@ before they touch an accumulator: a bad sender is banned from the round.
 
 `StageAverager` adds: a runtime target group size (the stage's live peer count, so a full group starts at once),
 traffic counters, and `download_state`, which fetches the stage state from several donors at once (tensors split
-round-robin, a failed donor's share re-fetched from the others).
+round-robin, a failed donor's share re-fetched from the others). In a private swarm (swarm_key.py) every `gather`
+and download request carries the sender's peer token: a leader refuses joiners without one, every groupmate checks
+all tokens of its group before reducing, and hivemind's own (untokened) state download is switched off.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, azip
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+from swarm_peer.swarm_key import SwarmKey, auth_error
 
 log = logging.getLogger("swarm_peer")
 SENT, RECEIVED, FAILED_VALUES = 0, 1, 2
@@ -147,8 +151,10 @@ class StageAverager(DecentralizedAverager):
     """DecentralizedAverager over one stage's flat buffers. `get_state()` (host process) supplies what joiners and
     recovering peers download: (metadata dict, list of CPU tensors)."""
 
-    def __init__(self, averaged_tensors, dht, *, get_state: Callable[[], tuple[dict, list[torch.Tensor]]], **kwargs):
+    def __init__(self, averaged_tensors, dht, *, get_state: Callable[[], tuple[dict, list[torch.Tensor]]],
+                 swarm_key: Optional[SwarmKey] = None, **kwargs):
         self._get_state = get_state
+        self.swarm_key = swarm_key
         self.traffic = mp.Array(ctypes.c_int64, 3)  # bytes sent, bytes received, values left unaveraged
         super().__init__(averaged_tensors, dht, **kwargs)
 
@@ -163,6 +169,10 @@ class StageAverager(DecentralizedAverager):
             runner.crash_hook = lambda: os.killpg(os.getpgid(0), signal.SIGKILL)  # kill -9 of the whole peer
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             raise AllreduceException("stage averagers never run as auxiliaries")
+        for peer, gathered in zip(group_info.peer_ids, group_info.gathered):
+            error = auth_error(self.swarm_key, self._user_data(gathered).get("auth"), peer)
+            if error:
+                raise AllreduceException(f"groupmate {str(peer)[-8:]}: {error}")
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
             tensor.copy_(averaged)
         failed = runner.tensor_part_container.failed_size
@@ -174,9 +184,35 @@ class StageAverager(DecentralizedAverager):
 
     def _my_gathered(self, group_info) -> dict:
         """What this peer passed as `gather` to step() (the caller's round number, hash, ...)."""
-        _, _, user_bytes = self.serializer.loads(group_info.gathered[group_info.peer_ids.index(self.peer_id)])
-        data = self.serializer.loads(user_bytes)
+        return self._user_data(group_info.gathered[group_info.peer_ids.index(self.peer_id)])
+
+    def _user_data(self, gathered: bytes) -> dict:
+        """The `gather` dict inside one peer's gathered bytes ({} when malformed: it comes off the wire)."""
+        try:
+            _, _, user_bytes = self.serializer.loads(gathered)
+            data = self.serializer.loads(user_bytes)
+        except Exception:
+            return {}
         return data if isinstance(data, dict) else {}
+
+    def step(self, gather=None, **kwargs):
+        if self.swarm_key is not None:
+            gather = {**(gather or {}), "auth": self.swarm_key.peer_token(self.peer_id)}
+        return super().step(gather=gather, **kwargs)
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest,
+                             context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if auth_error(self.swarm_key, self._user_data(request.gather).get("auth"), context.remote_id):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_join_group(request, context):
+            yield message
+
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if self.swarm_key is None:  # hivemind's state download has no room for a token: private swarms use ours
+            async for message in super().rpc_download_state(request, context):
+                yield message
 
     def set_target_group_size(self, size: int, timeout: float = 30.0) -> None:
         """A group of `size` starts as soon as it is complete instead of waiting out the matchmaking time."""
@@ -197,14 +233,17 @@ class StageAverager(DecentralizedAverager):
 
     async def rpc_download_slice(self, request: runtime_pb2.ExpertRequest,
                                  context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
-        """Stream the state tensors whose indices are listed in the request (msgpack list in `metadata`); the first
-        message carries the state metadata. An empty reply means "not sharing"."""
+        """Stream the state tensors listed in the request (`metadata` = msgpack {"indices": [...], "auth": token}); the
+        first message carries the state metadata. An empty reply means "not sharing" (or a refused request)."""
         if not self.allow_state_sharing:
             return
         try:
-            wanted = msgpack.unpackb(request.metadata[:65536], raw=False)
+            query = msgpack.unpackb(request.metadata[:65536], raw=False)
+            wanted = query["indices"]
             assert isinstance(wanted, list) and all(type(i) is int for i in wanted)
         except Exception:
+            return
+        if auth_error(self.swarm_key, query.get("auth"), context.remote_id):
             return
         metadata, tensors, _ = await self._get_current_state_from_host_process()
         first = True
@@ -259,7 +298,10 @@ class StageAverager(DecentralizedAverager):
         return first_metadata, [tensors[i] for i in range(num_tensors)]
 
     async def _fetch(self, peer: PeerID, indices: list[int], timeout: float):
-        request = runtime_pb2.ExpertRequest(metadata=msgpack.packb(indices))
+        query = {"indices": indices}
+        if self.swarm_key is not None:
+            query["auth"] = self.swarm_key.peer_token(self.peer_id)
+        request = runtime_pb2.ExpertRequest(metadata=msgpack.packb(query))
         stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
         stream = await stub.rpc_download_slice(request)
         metadata, tensors, parts = None, [], []

@@ -35,6 +35,9 @@ def add_network_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-mode", "--client_mode", action="store_true",
                         help="make only outgoing connections (stage 0 / tools behind NAT)")
     parser.add_argument("--maddrs-file", "--maddrs_file", help="write this peer's multiaddrs here, one per line")
+    parser.add_argument("--swarm-key-file", "--swarm_key_file", metavar="PATH",
+                        help="private swarm: every member needs this key file (make one: python -m swarm_peer "
+                             "keygen PATH); without it a process can neither use the run's DHT nor send work")
     parser.add_argument("--verbose", "-v", action="store_true", help="hivemind's own logs at info level")
 
 
@@ -65,6 +68,12 @@ def check_network_args(args) -> None:
         raise _fail(f"--run-id {args.run_id!r}: use 1-64 letters, digits or '-'")
     if args.client_mode and not args.initial_peers:
         raise _fail("--client-mode needs --initial-peers of a peer that accepts connections")
+    from swarm_peer.swarm_key import SwarmKey, SwarmKeyError
+
+    try:
+        args.swarm_key = SwarmKey.from_file(args.swarm_key_file) if args.swarm_key_file else None
+    except SwarmKeyError as e:
+        raise _fail(f"--swarm-key-file: {e}")
 
 
 def _is_loopback(maddr) -> bool:
@@ -76,13 +85,21 @@ def _is_loopback(maddr) -> bool:
 
 
 def start_dht(args, validators, quiet: bool = False):
-    """Start the DHT; print the join line; write the maddrs file; warn about unusable setups."""
+    """Start the DHT (behind the swarm key, if any); print the join line; write the maddrs file; warn about unusable
+    setups."""
     import hivemind
 
+    from swarm_peer.swarm_key import SwarmKeyAuthorizer, SwarmKeyValidator
+
+    key = getattr(args, "swarm_key", None)
+    if key is not None:
+        validators = list(validators) + [SwarmKeyValidator(key)]
     dht = hivemind.DHT(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
                        announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
                        client_mode=args.client_mode, record_validators=validators, start=True,
-                       startup_timeout=30)
+                       startup_timeout=30, authorizer=SwarmKeyAuthorizer(key) if key is not None else None)
+    if key is not None and not quiet:
+        print(f"private swarm: swarm key fingerprint {key.fingerprint()}", flush=True)
     maddrs = sorted(dht.get_visible_maddrs(), key=_is_loopback)  # non-loopback first
     if args.maddrs_file:
         tmp = f"{args.maddrs_file}.tmp"
@@ -194,7 +211,7 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
         worker = StageWorker(cfg, args.stage, dht, p2p, args.run_id, local_public_key(validators), device, sampler,
                              client_mode=args.client_mode, test_delay=args.test_delay,
                              address=str(maddrs[0]) if maddrs else "", val_batches=val,
-                             metrics_period=cfg.run.metrics_period)
+                             metrics_period=cfg.run.metrics_period, swarm_key=args.swarm_key)
         if args.checkpoint_dir:
             worker.checkpoint_dir = args.checkpoint_dir
             resume(worker, args.checkpoint_dir)

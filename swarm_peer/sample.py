@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     _, out = loop.run(call_forward(p2p, PeerID.from_base58(pick.choice(peers)), meta,
                                                    [ids, torch.zeros_like(ids)], "none", args.timeout,
-                                                   namespace=args.run_id), args.timeout + 5)
+                                                   namespace=args.run_id, swarm_key=args.swarm_key),
+                                      args.timeout + 5)
                     break
                 except (RemoteError, TransportError) as e:
                     print(f"warning: request failed ({e}); retrying", file=sys.stderr)

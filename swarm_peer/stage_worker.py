@@ -46,8 +46,10 @@ def config_summary(cfg: Config, stage: int) -> str:
 class StageWorker:
     def __init__(self, cfg: Config, stage: int, dht, p2p, run_id: str, subkey: bytes, device: torch.device,
                  sampler: ShardSampler | None = None, client_mode: bool = False, test_delay: float = 0.0,
-                 address: str = "", val_batches: list[Microbatch] = (), metrics_period: float = 10.0):
+                 address: str = "", val_batches: list[Microbatch] = (), metrics_period: float = 10.0,
+                 swarm_key=None):
         self.cfg, self.stage, self.dht, self.p2p, self.run_id = cfg, stage, dht, p2p, run_id
+        self.swarm_key = swarm_key  # private swarm: our requests carry its token, we refuse requests without
         self.spec = stage_spec(cfg, stage)
         self.trainer = StageTrainer(cfg, stage, device, test_delay)
         self.compute = ComputeThread()
@@ -58,7 +60,7 @@ class StageWorker:
         self.next_fingerprint = stage_fingerprint(cfg, stage + 1) if not self.spec.is_last else None
         self.announcer = Announcer(dht, run_id, subkey, cfg.swarm.record_ttl)
         self.router = Router(cfg.data.microbatch_size, max_timeout=cfg.swarm.request_timeout)
-        self.sync = StageSync(cfg, stage, dht, run_id, self.trainer, self.compute, self.fingerprint)
+        self.sync = StageSync(cfg, stage, dht, run_id, self.trainer, self.compute, self.fingerprint, swarm_key)
         self._sync_waiters: list[asyncio.Future] = []  # callers waiting for a round run by the stepper
         self.address, self.val_batches = address[:256], list(val_batches)
         self.checkpoint_dir: str | None = None  # set by the CLI (--checkpoint-dir)
@@ -235,7 +237,7 @@ class StageWorker:
             try:
                 reply, out = await call_forward(self.p2p, PeerID.from_base58(peer), meta, tensors,
                                                 self.cfg.swarm.compression.forward, self.router.timeout(peer),
-                                                namespace=self.run_id)
+                                                namespace=self.run_id, swarm_key=self.swarm_key)
                 if not _reply_ok(meta, out, hidden, self.trainer.model.hf.vocab_size):
                     raise RemoteError(f"malformed reply {[tuple(t.shape) for t in out]}")
             except RemoteError as e:
@@ -440,7 +442,7 @@ class StageWorker:
 
     def servicer(self) -> StageServicer:
         return StageServicer(self.handle, reply_codec=self.cfg.swarm.compression.backward,
-                             request_timeout=self.cfg.swarm.request_timeout)
+                             request_timeout=self.cfg.swarm.request_timeout, swarm_key=self.swarm_key)
 
     # ------------------------------------------------------------------------------------------ lifecycle
     async def main(self, max_steps: int) -> None:

@@ -121,7 +121,7 @@ class StageSync:
     in executor threads; decisions read the stage's records that the worker refreshes (`others`)."""
 
     def __init__(self, cfg: Config, stage: int, dht, run_id: str, trainer: StageTrainer, compute: ComputeThread,
-                 fingerprint: str):
+                 fingerprint: str, swarm_key=None):
         self.cfg, self.mode, self.trainer, self.compute = cfg, cfg.swarm.sync_mode, trainer, compute
         self.me, self.fingerprint = str(dht.peer_id), fingerprint
         self.outer = OuterOptimizer(trainer.params, cfg.optim.outer) if self.mode == "diloco" else None
@@ -140,7 +140,8 @@ class StageSync:
                 min_group_size=2, target_group_size=None, initial_group_bits=round_bits(0),
                 min_matchmaking_time=sw.matchmaking_time, request_timeout=max(0.2, 0.5 * sw.matchmaking_time),
                 compression=compression_strategy(sw.compression.averaging), allreduce_timeout=sw.averaging_timeout / 2,
-                next_chunk_timeout=sw.averaging_chunk_timeout, client_mode=False, declare_state_period=10)
+                next_chunk_timeout=sw.averaging_chunk_timeout, client_mode=False, declare_state_period=10,
+                swarm_key=swarm_key)
 
     # ---- what this peer's state is, and what a downloader gets
     def _state_hash(self) -> str:

@@ -6,7 +6,8 @@ in hivemind's split_for_streaming layout (the first part of a tensor carries dty
 rest only bytes), packed into messages of about `chunk_bytes`. An error reply is {"n": 0, "m": {"error": "..."}}.
 Streams bypass hivemind's 4 MiB unary limit and its unary timeouts (we apply our own). Caps are checked as parts
 arrive and before decoding, but hivemind itself reads each stream message whole (8-byte length prefix, no cap) and
-prefetches up to 5 of them: a hostile caller can still make us buffer a few huge messages. Not authenticated.
+prefetches up to 5 of them: a hostile caller can still make us buffer a few huge messages. In a private swarm
+(swarm_key.py) the metadata carries "auth", the caller's peer token, checked before any tensor is read.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarm_peer.compression import decode, decoded_nbytes, encode
+from swarm_peer.swarm_key import SwarmKey, auth_error
 
 CHUNK_BYTES = 256 << 10  # bytes per stream message: 256 KiB beat 64 KiB, 512 KiB-2 MiB by 0-10 % (bench_hop.py)
 MAX_REQUEST_BYTES = 512 << 20
@@ -62,6 +64,7 @@ class TransportStats:
     call_failures: int = 0
     served: int = 0
     served_errors: int = 0
+    unauthorized: int = 0  # requests refused for a missing/bad swarm key token
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:
@@ -137,8 +140,10 @@ def _assemble(pieces: list) -> bytes | bytearray:
     return buffer
 
 
-async def _receive(stream: AsyncIterator, limits: Limits, stats: TransportStats, stop_when_complete: bool = False):
-    """Parse a stream into (metadata, tensors), enforcing limits before allocating. Raises ProtocolError."""
+async def _receive(stream: AsyncIterator, limits: Limits, stats: TransportStats, stop_when_complete: bool = False,
+                   admit: Optional[Callable[[dict], None]] = None):
+    """Parse a stream into (metadata, tensors), enforcing limits before allocating. `admit(metadata)` runs before any
+    tensor is read and may raise to refuse the request. Raises ProtocolError."""
     loop = asyncio.get_running_loop()
     metadata, expected, tensors = None, 0, []
     header, pieces, wire_bytes, decoded_bytes, counted = None, [], 0, 0, 0
@@ -165,6 +170,8 @@ async def _receive(stream: AsyncIterator, limits: Limits, stats: TransportStats,
                     and type(envelope.get("n")) is int and 0 <= envelope["n"] <= limits.max_tensors):
                 raise ProtocolError(f"bad metadata envelope (at most {limits.max_tensors} tensors)")
             metadata, expected = envelope["m"], envelope["n"]
+            if admit is not None:
+                admit(metadata)
         elif message.metadata:
             raise ProtocolError("metadata outside the first message")
         for part in message.tensors:
@@ -225,9 +232,11 @@ class StageServicer(ServicerBase):
 
     def __init__(self, handler: Handler, reply_codec: str = "none", *, max_request_bytes: int = MAX_REQUEST_BYTES,
                  max_tensors: int = MAX_TENSORS, max_metadata_bytes: int = MAX_METADATA_BYTES,
-                 request_timeout: float = 120.0, chunk_bytes: int = CHUNK_BYTES, stats: TransportStats = STATS):
+                 request_timeout: float = 120.0, chunk_bytes: int = CHUNK_BYTES, stats: TransportStats = STATS,
+                 swarm_key: Optional[SwarmKey] = None):
         encode(torch.zeros(1), reply_codec)  # validates the codec name now
         self.handler, self.reply_codec, self.chunk_bytes, self.stats = handler, reply_codec, chunk_bytes, stats
+        self.swarm_key = swarm_key
         self.limits = Limits(max_request_bytes, max_tensors, max_metadata_bytes)
         self.request_timeout = request_timeout
 
@@ -241,8 +250,14 @@ class StageServicer(ServicerBase):
         failed = False
         try:
             try:
-                metadata, tensors = await asyncio.wait_for(_receive(requests, self.limits, self.stats),
-                                                           self.request_timeout)
+                def admit(metadata: dict) -> None:  # before any tensor bytes are read
+                    error = auth_error(self.swarm_key, metadata.pop("auth", None), context.remote_id)
+                    if error:
+                        self.stats.add(unauthorized=1)
+                        raise ProtocolError(error)
+
+                metadata, tensors = await asyncio.wait_for(
+                    _receive(requests, self.limits, self.stats, admit=admit), self.request_timeout)
             except asyncio.TimeoutError:
                 raise ProtocolError(f"request not complete within {self.request_timeout:g} s") from None
             reply = await self.handler(metadata, tensors, context.remote_id)
@@ -264,12 +279,14 @@ class StageServicer(ServicerBase):
 async def call_forward(p2p: P2P, peer_id: PeerID, metadata: dict, tensors: list[torch.Tensor], codec: str,
                        timeout: float, namespace: str, *, stats: TransportStats = STATS,
                        max_reply_bytes: int = MAX_REQUEST_BYTES, chunk_bytes: int = CHUNK_BYTES,
-                       ) -> tuple[dict, list[torch.Tensor]]:
+                       swarm_key: Optional[SwarmKey] = None) -> tuple[dict, list[torch.Tensor]]:
     """Send (metadata, tensors) to `peer_id`'s StageServicer and return its reply (CPU tensors; move them yourself).
 
     Raises RemoteError (error reply), TransportTimeout (nothing complete within `timeout` s, whole exchange),
     TransportError (unreachable peer, broken stream, malformed reply); TypeError/ValueError for bad local inputs.
     """
+    if swarm_key is not None:
+        metadata = {**metadata, "auth": swarm_key.peer_token(p2p.peer_id)}
     messages = await _encode_async(metadata, tensors, codec, chunk_bytes, runtime_pb2.ExpertRequest)
     limits = Limits(max_reply_bytes, MAX_TENSORS, MAX_METADATA_BYTES)
     handle_name = StageServicer._get_handle_name(namespace, "rpc_forward")

@@ -1,4 +1,5 @@
 """The peer-to-peer pipeline with real hivemind DHT/P2P, every peer a separate OS process on loopback."""
+import json
 import subprocess
 
 import pytest
@@ -128,24 +129,40 @@ def test_killed_stage1_peer_is_rerouted_around(swarm_factory):
     assert s0["forwarded_to"].get(swarm.summary("s1p0")["peer_id"], 0) > 0
 
 
-def test_compressed_wire_and_malformed_requests(swarm_factory):
-    """8-bit activations / fp16 gradients train; malformed requests get error replies and change nothing."""
+def test_private_swarm_compressed_wire_and_malformed_requests(swarm_factory, tmp_path):
+    """A private swarm (swarm key) with 8-bit activations / fp16 gradients trains. Requests without the key or with
+    another key are refused before they are read; malformed requests from a key holder get error replies; none of
+    them changes anything."""
     from hivemind import DHT
     from hivemind.p2p import PeerID
 
     from swarm_peer.records import make_validators
+    from swarm_peer.swarm_key import SwarmKey, SwarmKeyAuthorizer, SwarmKeyValidator
     from swarm_peer.transport import LoopThread, RemoteError, call_forward
 
     run = "compressed"
+    key_file = tmp_path / "swarm.key"
+    key_file.write_text("c0ffee" * 8)
+    key, wrong = SwarmKey.from_file(str(key_file)), SwarmKey(b"w" * 24)
     swarm = swarm_factory(run, ["swarm.num_stages=2", "swarm.compression.forward=8bit",
                                 "swarm.compression.backward=fp16"])
-    swarm.start("s1", 1, "--max-steps", "12")
+    swarm.start("s1", 1, "--max-steps", "12", "--swarm-key-file", str(key_file))
     maddr = swarm.wait_ready("s1")
     target = PeerID.from_base58(maddr.split("/p2p/")[-1])
-    dht = DHT(start=True, initial_peers=[maddr], client_mode=True, record_validators=make_validators(run, 2))
+    member = DHT(start=True, initial_peers=[maddr], client_mode=True, authorizer=SwarmKeyAuthorizer(key),
+                 record_validators=make_validators(run, 2) + [SwarmKeyValidator(key)])
+    outsider = DHT(start=True, initial_peers=[maddr], client_mode=True, record_validators=make_validators(run, 2),
+                   ensure_bootstrap_success=False)
     loop = LoopThread()
+    good = [torch.zeros(2, 32, 64), torch.zeros(2, 32, dtype=torch.int32)]
     try:
-        p2p = loop.run(dht.replicate_p2p(), 30)
+        p2p, p2p_out = loop.run(member.replicate_p2p(), 30), loop.run(outsider.replicate_p2p(), 30)
+        for client, client_key, reason in ((p2p_out, None, "needs its swarm key"),
+                                           (p2p_out, wrong, "bad swarm key token"),
+                                           (p2p, wrong, "bad swarm key token")):
+            with pytest.raises(RemoteError, match=reason):
+                loop.run(call_forward(client, target, {"mb": "x"}, good, "none", 30, namespace=run,
+                                      swarm_key=client_key), 40)
         good_labels = torch.zeros(2, 32, dtype=torch.int32)
         bad = [
             ({"mb": "x"}, [torch.zeros(2, 31, 64), good_labels]),  # wrong seq_len
@@ -157,25 +174,30 @@ def test_compressed_wire_and_malformed_requests(swarm_factory):
             ({"mb": "x"}, [torch.zeros(2, 32, 64)]),  # missing labels
         ]
         for meta, tensors in bad:
-            with pytest.raises(RemoteError):
-                loop.run(call_forward(p2p, target, meta, tensors, "none", 30, namespace=run), 40)
+            with pytest.raises(RemoteError) as error:
+                loop.run(call_forward(p2p, target, meta, tensors, "none", 30, namespace=run, swarm_key=key), 40)
+            assert "unauthorized" not in str(error.value)  # a key holder gets as far as validation
     finally:
         loop.stop()
-        dht.shutdown()
+        outsider.shutdown()
+        member.shutdown()
     assert swarm.procs["s1"].poll() is None  # still serving
-    swarm.start("s0", 0, "--max-steps", "12")
+    swarm.start("s0", 0, "--max-steps", "12", "--swarm-key-file", str(key_file))
     for name in ("s0", "s1"):
         assert swarm.wait_exit(name, 300) == 0, swarm.log(name)[-3000:]
     s1 = swarm.summary("s1")
     assert s1["inner_steps"] == 12 and s1["microbatches"] == 12 * 4  # the bad requests were never admitted
+    assert s1["transport"]["unauthorized"] == 3
+    print(f"\nprivate swarm: {s1['transport']['unauthorized']} requests without a valid swarm key refused, "
+          f"{len(bad)} malformed requests from a key holder rejected")
     curve = [loss for _, loss in s1["loss_curve"]]
     assert curve[-1] < curve[0] - 0.5, curve
 
 
 def test_run_local_experiment_end_to_end(cache_dir):
-    """The README's main job, small: a monitor + 2 stages x 2 peers, merged log, summaries, the monitor's W&B
-    offline run (read back from its run file) with a falling global loss and the right alive-peer counts, nothing
-    left running."""
+    """The README's main job, small: a monitor + 2 stages x 2 peers as a private swarm (--private: a fresh swarm key
+    for every process), merged log, summaries, DiLoCo rounds between the key holders, the monitor's W&B offline run
+    (read back from its run file) with a falling global loss and the right alive-peer counts, nothing left running."""
     import glob
     import os
     import shutil
@@ -192,7 +214,8 @@ def test_run_local_experiment_end_to_end(cache_dir):
     run_dir = ROOT / "runs" / run_id
     try:
         proc = subprocess.run(["bash", "run_local_experiment.sh", "-s", "2", "-p", "2", "--run-id", run_id,
-                               "--max-steps", "40", "--timeout", "300", "--wandb-project", "pytest", "--", *extra],
+                               "--max-steps", "40", "--timeout", "300", "--wandb-project", "pytest", "--private", "--",
+                               *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=400,
                               env={**os.environ, "WANDB_MODE": "offline"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -201,6 +224,9 @@ def test_run_local_experiment_end_to_end(cache_dir):
                 assert f"[stage{s}/peer{p}] " in proc.stdout
                 summary = (run_dir / f"stage{s}_peer{p}.json")
                 assert summary.exists() and (run_dir / f"stage{s}_peer{p}.log").exists()
+                rounds = json.loads(summary.read_text())["sync"]["rounds"]
+                assert any(r["group_size"] == 2 for r in rounds), rounds  # averaged with its stage mate
+        assert proc.stdout.count("private swarm: swarm key fingerprint") == 5
         assert "all 4 peers up" in proc.stdout and "finished" in proc.stdout and "[monitor] window" in proc.stdout
         pids = [int(line.split()[0]) for line in (run_dir / "pids").read_text().splitlines()]
         assert len(pids) == 5 and not any(group_pids(pid) for pid in pids)  # 4 peers + the monitor
