@@ -44,7 +44,7 @@ from swarm_peer.swarm_key import SwarmKey, auth_error
 
 log = logging.getLogger("swarm_peer")
 SENT, RECEIVED, FAILED_VALUES = 0, 1, 2
-TEST_CRASH_ENV = "SWARM_PEER_TEST_CRASH_IN_ROUND"  # tests only: the peer kills itself while reducing in round N
+TEST_CRASH_ENV = "SWARM_PEER_TEST_CRASH_IN_ROUND"  # tests only: the peer kills itself while reducing (round N|first)
 
 
 class ValueAllReduceRunner(AllReduceRunner):
@@ -165,7 +165,8 @@ class StageAverager(DecentralizedAverager):
                                       prefix=self.prefix, tensors=tensors, group_id=group_id,
                                       ordered_peer_ids=group_info.peer_ids, **kwargs)
         self._running_groups[group_id].set_result(runner)
-        if os.environ.get(TEST_CRASH_ENV) and self._my_gathered(group_info).get("round") == int(os.environ[TEST_CRASH_ENV]):
+        crash = os.environ.get(TEST_CRASH_ENV)  # a round number, or "first": this process's first all-reduce
+        if crash and (crash == "first" or self._my_gathered(group_info).get("round") == int(crash)):
             runner.crash_hook = lambda: os.killpg(os.getpgid(0), signal.SIGKILL)  # kill -9 of the whole peer
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             raise AllreduceException("stage averagers never run as auxiliaries")

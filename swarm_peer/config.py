@@ -115,6 +115,7 @@ class SwarmConfig(_Section):
     averaging_timeout: float = Field(60.0, gt=0.0)  # one round, every attempt; then a lone step + recovery
     averaging_chunk_timeout: float = Field(15.0, gt=0.0)  # a groupmate silent this long is dropped from the round
     finish_timeout: float = Field(1800.0, gt=0.0)  # a peer done training keeps syncing this long for its stage peers
+    upstream_timeout: float = Field(300.0, gt=0.0)  # no record of the previous stage this long (cut off?): leave
     max_inflight: int = Field(4, gt=0)  # microbatches a peer holds at once (backpressure)
     announce_period: float = Field(2.0, gt=0.0)  # seconds between DHT record refreshes
     record_ttl: float = Field(20.0, gt=0.0)  # DHT record expiration, seconds

@@ -248,6 +248,11 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
         print(f"[stage {args.stage}] done: {summary['inner_steps']} inner steps, {summary['samples']} samples, "
               f"{summary['tokens_per_s']:,.0f} tok/s, {len(summary['sync']['rounds'])} rounds "
               f"({summary['sync']['mode']}), weights {summary['final_weights_hash']}", flush=True)
+        if worker.stats.get("upstream_lost"):
+            print(f"error: stage {args.stage - 1} stayed out of sight for swarm.upstream_timeout "
+                  f"({cfg.swarm.upstream_timeout:g} s): check this machine's network; the checkpoint (if any) and "
+                  f"summary are saved", file=sys.stderr)
+            return 1
         return 0  # finished, or stopped by a signal (the summary says which)
     finally:
         if worker is not None:

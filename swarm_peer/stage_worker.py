@@ -74,6 +74,8 @@ class StageWorker:
         self.warned_peers: set[str] = set()
         self.seen_upstream = False
         self.upstream_online = 0
+        self.upstream_ended = False  # the previous stage's records say it is done (idle/finished/offline)
+        self.upstream_seen_at = time.monotonic()  # last time any record of the previous stage was visible
         self.stats = defaultdict(int)
         self.loss_curve: list[list[float]] = []  # [inner step, mean loss of the microbatches of that step]
         self._step_losses: list[float] = []
@@ -113,6 +115,9 @@ class StageWorker:
             if not self.spec.is_first:
                 peers = await self._in_thread(read_stage_records, self.dht, self.run_id, self.stage - 1)
                 self.upstream_online = sum(p.record.state == "online" for p in peers)
+                self.upstream_ended = bool(peers) and self.upstream_online == 0
+                if peers:
+                    self.upstream_seen_at = time.monotonic()
                 # a finished record counts as seen: a short run upstream may end between two of our looks
                 self.seen_upstream |= bool(peers) or self.stats["microbatches"] > 0
             await asyncio.sleep(min(1.0, self.cfg.swarm.announce_period))
@@ -425,11 +430,19 @@ class StageWorker:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def serve_until_upstream_done(self, idle_grace: float = 1.0) -> None:
-        """Non-first stages: serve until the previous stage has been seen and has no online peer left."""
+        """Non-first stages: serve until the previous stage has been seen and its records say it is done. A stage
+        that vanishes without a word (a network cut on either side, or all its peers crashed) is waited for
+        `swarm.upstream_timeout` seconds: a cut-off peer that is reconnected in time rejoins its stage."""
         idle_since = None
         while not self.stop_event.is_set():
             await asyncio.sleep(0.25)
-            done = self.seen_upstream and self.upstream_online == 0
+            silent = time.monotonic() - self.upstream_seen_at
+            if self.seen_upstream and silent > self.cfg.swarm.upstream_timeout:
+                log.warning(f"stage {self.stage}: no peer of stage {self.stage - 1} visible for {silent:.0f}s "
+                            f"(network cut, or that stage is gone); leaving")
+                self.stats["upstream_lost"] = 1
+                break
+            done = self.seen_upstream and self.upstream_ended
             busy = self.window.pending or self.window.waiting
             if done and not busy:
                 idle_since = idle_since or time.monotonic()
@@ -491,6 +504,7 @@ class StageWorker:
             "inner_steps": self.trainer.inner_step, "samples": self.trainer.samples_stepped, "tokens": tokens,
             "microbatches": self.stats["microbatches"], "lost_microbatches": self.stats["lost_microbatches"],
             "retries": self.stats["retries"], "busy_replies": self.stats["busy_replies"],
+            "upstream_lost": bool(self.stats["upstream_lost"]),
             "loss_curve": self.loss_curve, "tokens_per_s": tokens / max(wall, 1e-6), "wall_time_s": wall,
             "compute_time_s": self.trainer.compute_seconds,
             "forwarded_to": self.router.sent_counts(), "transport": STATS.snapshot(),

@@ -30,9 +30,11 @@ class Swarm:
         self.procs: dict[str, subprocess.Popen] = {}
         self.bootstrap: str | None = None
 
-    def start(self, name: str, stage: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
-        args = [PYTHON, "-m", "swarm_peer", "--stage", str(stage), "--run-id", self.run_id,
-                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(self.tmp / f"{name}.maddrs"),
+    def start(self, name: str, stage: int, *extra: str, env: dict | None = None, host: str = "127.0.0.1",
+              prefix: tuple = ()) -> subprocess.Popen:
+        """`prefix`: run the peer under e.g. ("ip", "netns", "exec", NS); `host`: the address it listens on."""
+        args = [*prefix, PYTHON, "-m", "swarm_peer", "--stage", str(stage), "--run-id", self.run_id,
+                "--host-maddrs", f"/ip4/{host}/tcp/0", "--maddrs-file", str(self.tmp / f"{name}.maddrs"),
                 "--summary-json", str(self.tmp / f"{name}.json")]
         for o in self.overrides:
             args += ["--set", o]
