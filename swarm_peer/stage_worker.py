@@ -27,7 +27,7 @@ from swarm_peer.model import stage_fingerprint, stage_spec
 from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
 from swarm_peer.sync import StageSync, format_round, stage_peers
-from swarm_peer.telemetry import PeerTelemetry
+from swarm_peer.telemetry import PeerTelemetry, memory_report
 from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
 from swarm_peer.validation import (RequestShape, validate_hidden_request, validate_sample_position,
                                    validate_token_request)
@@ -504,7 +504,7 @@ class StageWorker:
             "inner_steps": self.trainer.inner_step, "samples": self.trainer.samples_stepped, "tokens": tokens,
             "microbatches": self.stats["microbatches"], "lost_microbatches": self.stats["lost_microbatches"],
             "retries": self.stats["retries"], "busy_replies": self.stats["busy_replies"],
-            "upstream_lost": bool(self.stats["upstream_lost"]), "memory": self.memory_report(),
+            "upstream_lost": bool(self.stats["upstream_lost"]), "memory": memory_report(self),
             "loss_curve": self.loss_curve, "tokens_per_s": tokens / max(wall, 1e-6), "wall_time_s": wall,
             "compute_time_s": self.trainer.compute_seconds,
             "forwarded_to": self.router.sent_counts(), "transport": STATS.snapshot(),
@@ -512,27 +512,6 @@ class StageWorker:
             "sync": self.sync.summary(), "eval_curve": self.telemetry.eval_curve, "resumed_from": self.resumed_from,
             "config": self.cfg.model_dump(mode="json"),
         }
-
-
-    def memory_report(self) -> dict:
-        """Peak RSS of this process (Linux ru_maxrss is KiB) against what training must hold: parameters, grads,
-        inner optimizer state, the DiLoCo global copy + momentum + averaging buffers, activations in flight."""
-        import resource
-
-        def nbytes(tensors) -> int:
-            return sum(t.numel() * t.element_size() for t in tensors)
-
-        params = nbytes(self.trainer.params)
-        grads = nbytes(p.grad for p in self.trainer.params if p.grad is not None)
-        inner = nbytes(t for st in self.trainer.opt.state.values() for t in st.values() if torch.is_tensor(t))
-        outer = nbytes(self.sync.outer.state_tensors()) if self.sync.outer else 0
-        buffers = 2 * nbytes(self.sync.buffers) if self.sync.averager is not None else 0  # buffers + own copy
-        # boundary activations of the microbatches in flight (a lower bound: autograd also keeps inner ones)
-        d = self.cfg.data
-        acts = self.cfg.swarm.max_inflight * d.microbatch_size * d.seq_len * self.trainer.model.hf.hidden_size * 4
-        return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "params_bytes": params,
-                "grads_bytes": grads, "inner_optimizer_bytes": inner, "outer_state_bytes": outer,
-                "averaging_buffers_bytes": buffers, "inflight_activation_bytes": acts}
 
 
 def _reply_ok(meta: dict, out: list, hidden: torch.Tensor, vocab: int) -> bool:

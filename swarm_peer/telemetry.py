@@ -11,6 +11,7 @@ import logging
 import math
 import time
 
+import torch
 from hivemind.utils import get_dht_time
 
 from swarm_peer.records import MetricRecord, store_metric_record
@@ -89,3 +90,24 @@ class PeerTelemetry:
             print(f"[stage {w.stage}] step {w.trainer.inner_step}{loss}{val} | {rate:,.0f} tok/s{rnd} | "
                   f"microbatches {w.stats['microbatches']}{nxt}", flush=True)
             last_t, last_samples = now, samples
+
+
+def memory_report(w) -> dict:
+    """Peak RSS of this process (Linux ru_maxrss is KiB) against what training must hold: parameters, grads,
+    inner optimizer state, the DiLoCo global copy + momentum + averaging buffers, activations in flight."""
+    import resource
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    params = nbytes(w.trainer.params)
+    grads = nbytes(p.grad for p in w.trainer.params if p.grad is not None)
+    inner = nbytes(t for st in w.trainer.opt.state.values() for t in st.values() if torch.is_tensor(t))
+    outer = nbytes(w.sync.outer.state_tensors()) if w.sync.outer else 0
+    buffers = 2 * nbytes(w.sync.buffers) if w.sync.averager is not None else 0  # buffers + own copy
+    # boundary activations of the microbatches in flight (a lower bound: autograd also keeps inner ones)
+    d = w.cfg.data
+    acts = w.cfg.swarm.max_inflight * d.microbatch_size * d.seq_len * w.trainer.model.hf.hidden_size * 4
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "params_bytes": params,
+            "grads_bytes": grads, "inner_optimizer_bytes": inner, "outer_state_bytes": outer,
+            "averaging_buffers_bytes": buffers, "inflight_activation_bytes": acts}

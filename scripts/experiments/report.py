@@ -80,19 +80,26 @@ def method_result(kind: str, raw: dict, cfg, loss: float, hashes: list[dict] | N
 
 def markdown(results: dict) -> str:
     pub = results.get("published", {})
+    notes_disagree: list[str] = []
     rows = ["| method | group | tokens | final val loss | perplexity | published ppl | train wall s | "
-            "sync MiB sent | rounds (stage 0/1) | replicas agree |", "|" + "---|" * 10]
+            "sync MiB sent | rounds (stage 0/1) | replicas agree | recoveries |", "|" + "---|" * 11]
     for name, m in results["methods"].items():
         rounds = "/".join(str(v) for v in m.get("rounds", {}).values()) or "-"
         agree = "-" if "replicas_agree" not in m else ("yes" if all(m["replicas_agree"].values()) else "NO")
         published = pub.get(m.get("published_key", name), "-")
         rows.append(f"| {name} | {m.get('group', '-')} | {m['tokens']:,} | {m['final_val_loss']:.4f} | "
                     f"{m['final_val_perplexity']:.3f} | {published} | {m['train_wall_s']:.0f} | "
-                    f"{m['sync_bytes_sent'] / 2**20:.1f} | {rounds} | {agree} |")
+                    f"{m['sync_bytes_sent'] / 2**20:.1f} | {rounds} | {agree} | {m.get('recoveries', '-')} |")
+        if agree == "NO":
+            notes_disagree.append(f"{name}: replicas differ at the end; final val loss of peer p's model of every "
+                                  f"stage: {', '.join(f'{x:.4f}' for x in m['replica_val_losses'])}")
     notes = [f"\n{results['experiment']}: {results['description']}",
              f"Final loss: nats/token of the final model on {results['eval_sequences']} fixed held-out sequences "
              f"(swarm_peer.baseline.evaluate), identical for every method.",
-             f"Compute-matched methods see equal tokens: {results['compute_matched_tokens']}."]
+             f"tokens: trained on by the baseline / the stage-0 peers (equal for the compute-matched methods: "
+             f"{results['compute_matched_tokens']}); recoveries: a peer replaced its weights by its stage's after a "
+             f"failed or missed all-reduce (its work since the last agreed state is dropped)."]
+    notes += notes_disagree
     if pub.get("_notes"):
         notes.append(f"Published ({PUBLISHED['source']}): {pub['_notes']}")
     return "\n".join(rows + notes)

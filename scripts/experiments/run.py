@@ -5,7 +5,8 @@
 exp1  single-process baseline vs SWARM (swarm.sync_mode=sync: gradient all-reduce every step) vs DiLoCo-SWARM
       (diloco, H = --sync-every), 2 stages x 2 peers; + the baseline on half the tokens (the published single-GPU run)
 exp2  DiLoCo-SWARM communication frequency: H in --h-values (default 5 10 20 50)
-exp3  model size: the config's model and a ~2.4x larger one (h256 L8), baseline vs DiLoCo-SWARM
+exp3  model size: h128 L4 (0.8M parameters) and the config's model (tiny.yaml: h192 L6, 2.8M), baseline vs
+      DiLoCo-SWARM (--exp3-large: the config's model and h256 L8, 6.4M; about 3x slower)
 
 Each stage-0 peer runs N inner steps of data.batch_size sequences on its half of the data, so a swarm trains on 2N
 batches; the baseline gets 2N steps of the same batch. Every method's final model (the baseline's weights; for a
@@ -36,9 +37,10 @@ TINY = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=4", "mode
         "optim.inner.warmup_steps=2", "swarm.announce_period=0.5", "swarm.record_ttl=6", "swarm.matchmaking_time=2",
         "swarm.averaging_timeout=30", "swarm.averaging_chunk_timeout=5", "run.eval_interval=0"]
 DEFAULT_STEPS = {"exp1": 50, "exp2": 50, "exp3": 50}
-SIZES = {  # exp3: label -> model overrides (None = the config's own model)
-    "normal": {"base": None, "large": ["model.hidden_size=256", "model.num_layers=8", "model.num_heads=8"]},
-    "tiny": {"base": None, "large": ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=4"]},
+SIZES = {  # exp3's model pairs: label -> overrides ([] = the config's own model, tiny.yaml: h192 L6, 2.8M parameters)
+    "default": {"small": ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=4"], "config": []},
+    "large": {"config": [], "large": ["model.hidden_size=256", "model.num_layers=8", "model.num_heads=8"]},
+    "tiny": {"small": ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4"], "config": []},
 }
 
 
@@ -60,12 +62,12 @@ def methods_for(exp: str, a) -> tuple[str, list[dict]]:
                  for hh in a.h_values])
     if exp == "exp3":
         specs = []
-        for label, model_sets in SIZES["tiny" if a.tiny else "normal"].items():
-            cfg = load_config(a.config, [*a.common, *(model_sets or [])])
+        for model_sets in SIZES["tiny" if a.tiny else "large" if a.exp3_large else "default"].values():
+            cfg = load_config(a.config, [*a.common, *model_sets])
             group = f"h{cfg.model.hidden_size}-L{cfg.model.num_layers}"
             for kind, steps, sets in (("baseline", 2 * n, []), ("swarm", n, diloco(h))):
                 specs.append(dict(name=f"{'baseline' if kind == 'baseline' else 'diloco_swarm'}_{group}", kind=kind,
-                                  steps=steps, sets=[*(model_sets or []), *sets], group=group))
+                                  steps=steps, sets=[*model_sets, *sets], group=group))
         return (f"model size: baseline (2N steps) vs DiLoCo-SWARM (H={h}, N={n} steps per stage-0 peer)", specs)
     raise ValueError(exp)
 
@@ -138,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every method and peer (repeatable)")
-    p.add_argument("--sync-every", type=int, help="DiLoCo H for exp1/exp3 (default 20; --tiny 3)")
+    p.add_argument("--sync-every", type=int, help="DiLoCo H for exp1/exp3 (default 10; --tiny 3)")
+    p.add_argument("--exp3-large", action="store_true",
+                   help="exp3: the config's model vs h256 L8 (2.4x; ~3x slower) instead of h128 L4 vs the config's")
     p.add_argument("--h-values", type=int, nargs="+", help="exp2's H values (default 5 10 20 50; --tiny 2 4)")
     p.add_argument("--methods", nargs="+", help="run only these methods (names as in results.json)")
     p.add_argument("--reuse", action="store_true",
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", help="corpus cache (data.cache_dir)")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per run (baseline or whole swarm)")
     a = p.parse_args(argv)
-    a.sync_every = a.sync_every or (3 if a.tiny else 20)
+    a.sync_every = a.sync_every or (3 if a.tiny else 10)
     a.h_values = a.h_values or ([2, 4] if a.tiny else [5, 10, 20, 50])
     a.common = ["swarm.num_stages=2", "run.threads=1", *(TINY if a.tiny else []),
                 *([f"data.cache_dir={a.cache_dir}"] if a.cache_dir else []), *a.sets]
