@@ -147,6 +147,10 @@ class GradientWindow:
             self._drained.set()
         return True
 
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
     def reopen(self) -> None:
         self.admitted = self.pending = self.completed = 0
         self._drained.clear()

@@ -451,7 +451,11 @@ class StageWorker:
             else:
                 idle_since = None
         if self.window.close_partial():  # step what was accumulated: it is real gradient on real data
-            await asyncio.sleep(0.1)
+            # ... and stay "online" until that step (and in sync mode its round) is done, so stage mates that are
+            # finished wait for it in their rounds instead of leaving this peer to step alone
+            deadline = time.monotonic() + 2 * self.cfg.swarm.averaging_timeout
+            while not self.window.is_open and time.monotonic() < deadline and not self.stop_event.is_set():
+                await asyncio.sleep(0.1)  # the stepper reopens the window when it is done
 
     def servicer(self) -> StageServicer:
         return StageServicer(self.handle, reply_codec=self.cfg.swarm.compression.backward,
