@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 
 import torch
+from hivemind.utils import get_dht_time
 
 from swarm_peer.compute import BACKWARD, FORWARD, STEP, ComputeThread, GradientWindow, StageTrainer
 from swarm_peer.config import Config
@@ -141,7 +142,12 @@ class StageWorker:
     def _refresh_stage(self) -> list[StageRecord]:
         """Blocking: re-read this stage's records; what sync.py decides from."""
         peers = read_stage_records(self.dht, self.run_id, self.stage)
-        self.sync.others = stage_peers(self.peer_id, [p.record for p in peers], self.fingerprint)
+        # a record not refreshed for a few announce periods belongs to a peer that is gone (killed, cut off): do not
+        # wait for it in rounds until its record expires (swarm.record_ttl), which would stall the stage that long
+        sw = self.cfg.swarm
+        stale_after = min(max(4 * sw.announce_period, 6.0), sw.record_ttl)
+        fresh = [p.record for p in peers if get_dht_time() - (p.expires_at - sw.record_ttl) <= stale_after]
+        self.sync.others = stage_peers(self.peer_id, fresh, self.fingerprint)
         return self.sync.others
 
     async def _publish_now(self) -> None:
