@@ -71,20 +71,69 @@ def group_pids(pgid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(pgids) -> dict[int, float]:
+    """CPU seconds (user + system, plus reaped children) of every process in each process group, from /proc."""
+    totals = {g: 0.0 for g in pgids}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pgrp = int(fields[2])
+        if pgrp in totals:
+            totals[pgrp] += sum(int(x) for x in fields[11:15]) / _CLK_TCK
+    return totals
+
+
 class Procs:
     """Processes we start, each in its own session (process group: its DHT process and p2pd are in it). stdout is
-    read by a thread that stamps every line with time.time() and copies it to the process's log file."""
+    read by a thread that stamps every line with time.time() and copies it to the process's log file. With
+    `sample_cpu`, a thread records every process group's CPU seconds every 0.25 s (`cpu_between`)."""
 
     live: list["Procs"] = []  # for the emergency cleanup (signals, atexit)
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, sample_cpu: bool = False):
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
         self.lines: dict[str, list[tuple[float, str]]] = {}
         self.started_at: dict[str, float] = {}
+        self.cpu: dict[str, list[tuple[float, float]]] = {}
         self._threads: list[threading.Thread] = []
+        self._closed = threading.Event()
         Procs.live.append(self)
+        if sample_cpu:
+            t = threading.Thread(target=self._sample_cpu, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _sample_cpu(self) -> None:
+        while not self._closed.wait(0.25):
+            running = {n: p.pid for n, p in list(self.procs.items()) if p.poll() is None}
+            if not running:
+                continue
+            now, totals = time.time(), group_cpu_seconds(running.values())
+            for name, pgid in running.items():
+                self.cpu.setdefault(name, []).append((now, totals[pgid]))
+
+    def cpu_between(self, names, t0: float, t1: float) -> float:
+        """CPU seconds the groups of `names` used between t0 and t1 (samples interpolated linearly)."""
+        def at(samples, t):
+            if not samples:
+                raise RuntimeError("no CPU samples")
+            if t <= samples[0][0]:
+                return samples[0][1]
+            for (a, x), (b, y) in zip(samples, samples[1:]):
+                if a <= t <= b:
+                    return x + (y - x) * (t - a) / (b - a) if b > a else y
+            return samples[-1][1]
+        return sum(at(self.cpu[n], t1) - at(self.cpu[n], t0) for n in names)
 
     def start(self, name: str, args: list[str], prefix: tuple = (), env: dict | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "w")
@@ -165,7 +214,8 @@ class Procs:
                 self.procs[n].wait(max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
-        while time.time() < deadline and any(group_pids(self.procs[n].pid) for n in names):
+        leftovers_deadline = min(deadline, time.time() + 5.0)
+        while time.time() < leftovers_deadline and any(group_pids(self.procs[n].pid) for n in names):
             time.sleep(0.2)  # children (DHT process, p2pd) may take a moment after their parent
         killed = []
         for n in names:
@@ -181,8 +231,9 @@ class Procs:
                 pass
         return killed
 
-    def close(self) -> list[int]:
-        killed = self.stop(grace=30.0)
+    def close(self, grace: float = 30.0) -> list[int]:
+        killed = self.stop(grace=grace)
+        self._closed.set()
         for t in self._threads:
             t.join(2)
         if self in Procs.live:
@@ -292,6 +343,16 @@ def event_times(series: dict[str, list[tuple]]) -> list[float]:
     return sorted({e[0] for s in series.values() for e in s})
 
 
+def longest_gap(series: dict[str, list[tuple]], t0: float, t1: float) -> float:
+    """Longest time in [t0, t1] without a new inner step of any peer (as seen in its records)."""
+    seen = [t0]
+    for t in event_times(series):
+        if t0 < t <= t1 and total_at(series, t, 1) > total_at(series, seen[-1], 1):
+            seen.append(t)
+    seen.append(t1)
+    return max(b - a for a, b in zip(seen, seen[1:]))
+
+
 # ------------------------------------------------------------------------------------------------ swarm runs
 class Bench:
     def __init__(self, args):
@@ -339,7 +400,7 @@ class Bench:
     # -------------------------------------------------------------------------------------------- part a
     def part_a(self) -> dict:
         S = self.args.stages
-        steps = int(self.t(40, 24))
+        steps = int(self.t(30, 24))
         deadline = time.time() + self.t(420, 180)
         run_dir = self.out / "a"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -347,36 +408,46 @@ class Bench:
         common = [f"swarm.num_stages={S}", "run.eval_interval=0"]  # eval only at the end (both sides)
         self.prepare_corpus(common)
         seq = self.cfg.data.seq_len
-        series, summaries, killed = self.swarm_line("a", S, steps, common, deadline)
-        # steady state: stage-0 samples between the first records at >= 20 % and >= 90 % of the steps
+        series, summaries, killed, procs = self.swarm_line("a", S, steps, common, deadline)
+        # steady state: stage-0 samples between its first records at >= 20 % and >= 90 % of the steps
         (s0,) = series.values()
         lo = next(e for e in s0 if e[1] >= 0.2 * steps)
         hi = next(e for e in s0 if e[1] >= 0.9 * steps)
-        swarm_steady = (hi[2] - lo[2]) * seq / (hi[0] - lo[0])
+        swarm = {"tokens_per_s": (hi[2] - lo[2]) * seq / (hi[0] - lo[0]),
+                 "cpu_s": procs.cpu_between(list(procs.procs), lo[0], hi[0]), "tokens": (hi[2] - lo[2]) * seq,
+                 "seconds": hi[0] - lo[0]}
+        swarm["tokens_per_cpu_s"] = swarm["tokens"] / swarm["cpu_s"]
+        swarm["cores"] = swarm["cpu_s"] / swarm["seconds"]
         swarm_e2e = summaries["s0p0"]["tokens_per_s"]
 
         # the baseline: same config, model, batch; S torch threads in one process (and 1 thread, for reference)
-        base = {threads: self.run_baseline(run_dir, steps, common, threads, deadline) for threads in (S, 1)}
+        base_steps = steps if not self.tiny else 4 * steps  # tiny: long enough to time
+        base = {threads: self.run_baseline(run_dir, base_steps, common, threads, deadline) for threads in (S, 1)}
         b = base[S]
         return {
-            "ratios": {"a.steady": swarm_steady / b["steady"], "a.end_to_end": swarm_e2e / b["end_to_end"],
-                       "a.steady_vs_1_thread": swarm_steady / base[1]["steady"]},
-            "figures": {"stages": S, "steps": steps, "swarm_steady_tokens_per_s": swarm_steady,
-                        "baseline_steady_tokens_per_s": b["steady"], "swarm_end_to_end_tokens_per_s": swarm_e2e,
-                        "baseline_end_to_end_tokens_per_s": b["end_to_end"],
-                        "baseline_1_thread_steady_tokens_per_s": base[1]["steady"],
+            "ratios": {"a.steady": swarm["tokens_per_s"] / b["tokens_per_s"],
+                       "a.end_to_end": swarm_e2e / b["end_to_end"],
+                       "a.steady_vs_1_thread": swarm["tokens_per_s"] / base[1]["tokens_per_s"],
+                       "a.tokens_per_cpu_s": swarm["tokens_per_cpu_s"] / b["tokens_per_cpu_s"]},
+            "figures": {"stages": S, "steps": steps, "baseline_steps": base_steps, "swarm_steady": swarm,
+                        "baseline_steady": b, "baseline_1_thread_steady": base[1],
+                        "swarm_end_to_end_tokens_per_s": swarm_e2e, "baseline_end_to_end_tokens_per_s": b["end_to_end"],
                         "swarm_wall_s": summaries["s0p0"]["wall_time_s"], "baseline_wall_s": b["wall_s"],
                         "leftover_pids_killed": killed},
             "definitions": {
                 "a.steady": f"swarm tokens/s ({S} stages x 1 peer, run.threads=1 each, DiLoCo lone outer steps every "
                             f"H) / baseline tokens/s (python -m swarm_peer.baseline, run.threads={S}, "
-                            f"OMP_WAIT_POLICY=PASSIVE), same config, {steps} steps, eval only at the end; swarm: "
-                            f"stage-0 samples x seq_len between its stage records at >=20% and >=90% of the steps; "
-                            f"baseline: its log windows in the same range",
+                            f"OMP_WAIT_POLICY=PASSIVE), same config, eval only at the end; steady state: swarm "
+                            f"stage-0 samples x seq_len between its stage records at >=20% and >=90% of its {steps} "
+                            f"steps; baseline: between its log lines at >=20% and >=90% of its {base_steps} steps",
                 "a.end_to_end": "summary tokens_per_s of the stage-0 peer (all its steps / its wall time from the "
                                 "pipeline start, incl. the first hops) / baseline summary tokens_per_s (training "
                                 "loop wall time)",
-                "a.steady_vs_1_thread": "a.steady's numerator / the baseline with run.threads=1 (what one peer gets)"},
+                "a.steady_vs_1_thread": "a.steady's numerator / the baseline with run.threads=1 (what one peer gets)",
+                "a.tokens_per_cpu_s": "steady tokens per CPU second, swarm / baseline (run.threads=S): CPU seconds of "
+                                      "every process of every peer (main, DHT, averager, p2pd) or of the baseline "
+                                      "over the same steady windows, from /proc every 0.25 s. Unlike tokens/s, this "
+                                      "does not depend on how many cores each side got from a shared machine"},
         }
 
     def swarm_line(self, run: str, S: int, steps: int, common: list, deadline: float):
@@ -385,7 +456,7 @@ class Bench:
         if run != "a":  # part a's directory is fresh already (and holds the baselines next)
             shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        procs = Procs(run_dir)
+        procs = Procs(run_dir, sample_cpu=True)
         tracker = Tracker(f"bench-{run}", S, self.cfg.swarm.record_ttl, stages=(0,))
         names = [f"s{s}p0" for s in range(S)]
         try:
@@ -403,7 +474,7 @@ class Bench:
             raise RuntimeError(f"swarm peers failed: {bad}\n" + "\n".join(procs.tail(n) for n in bad))
         summaries = self.read_summaries(run_dir, names)
         self.summaries[run] = summaries
-        return series, summaries, killed
+        return series, summaries, killed, procs
 
     def run_baseline(self, run_dir: Path, steps: int, common: list, threads: int, deadline: float) -> dict:
         """One baseline run; OMP_WAIT_POLICY=PASSIVE: with the cores shared, OpenMP's spin-waiting threads otherwise
@@ -414,7 +485,7 @@ class Bench:
                  "--summary-json", str(base_json)]
         for o in [*self.overrides, *common, f"run.threads={threads}"]:
             bargs += ["--set", o]
-        procs = Procs(run_dir)
+        procs = Procs(run_dir, sample_cpu=True)
         try:
             procs.start(name, bargs, env={"OMP_WAIT_POLICY": "PASSIVE"})
             if not procs.wait_exit([name], deadline):
@@ -424,14 +495,16 @@ class Bench:
         if procs.procs[name].returncode != 0:
             raise RuntimeError(f"{name} failed:\n{procs.tail(name)}")
         summary = json.loads(base_json.read_text())
-        # the baseline logs tok/s per log_interval window: steady = windows from 20 % to 90 % of the steps
-        windows = [(int(m.group(1)), float(m.group(2).replace(",", ""))) for _, line in procs.lines[name]
-                   for m in [re.search(r"step\s+(\d+)/\d+ \|.*\| ([\d,.]+) tok/s", line)] if m]
-        li = self.cfg.run.log_interval
-        mid = [(s, r) for s, r in windows if s - li >= 0.2 * steps and s <= 0.9 * steps + li] or windows[1:] or windows
-        tokens_per_window = li * self.cfg.data.batch_size * self.cfg.data.seq_len
-        steady = len(mid) * tokens_per_window / sum(tokens_per_window / r for _, r in mid)
-        return {"steady": steady, "end_to_end": summary["tokens_per_s"], "wall_s": summary["wall_time_s"]}
+        # its "step k/N | ... tok/s" lines (every run.log_interval steps), time-stamped as they arrived
+        points = [(t, int(m.group(1))) for t, line in procs.lines[name]
+                  for m in [re.search(r"step\s+(\d+)/\d+ \|", line)] if m]
+        lo = next(p for p in points if p[1] >= 0.2 * steps)
+        hi = next(p for p in points if p[1] >= 0.9 * steps)
+        tokens = (hi[1] - lo[1]) * self.cfg.data.batch_size * self.cfg.data.seq_len
+        cpu = procs.cpu_between([name], lo[0], hi[0])
+        return {"tokens_per_s": tokens / (hi[0] - lo[0]), "tokens": tokens, "seconds": hi[0] - lo[0], "cpu_s": cpu,
+                "tokens_per_cpu_s": tokens / cpu, "cores": cpu / (hi[0] - lo[0]),
+                "end_to_end": summary["tokens_per_s"], "wall_s": summary["wall_time_s"]}
 
     # -------------------------------------------------------------------------------------------- part b
     def run_hop_bench(self, codecs: str, seconds: float, bulk_mib: float, tcp_only: bool = False) -> dict:
@@ -483,8 +556,8 @@ class Bench:
         S = len(self.C_STAGES)
         if self.cfg.model.num_layers < S:
             raise RuntimeError(f"part c needs a model with >= {S} layers")
-        H = int(self.t(8, 4))
-        steps = int(self.t(30, 12))
+        H = int(self.t(6, 4))
+        steps = int(self.t(24, 12))
         deadline = time.time() + self.t(480, 240)
         run_dir = self.out / "c"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -539,21 +612,21 @@ class Bench:
             allreduce = sync_bytes_per_param_step * params[s] * st["inner_steps_per_round"]
             st["measured_fp32_allreduce_bytes_same_steps"] = allreduce
             ratios[f"c.{st['codec']}"] = st["bytes_sent_per_round"] / allreduce
-            ratios[f"c.{st['codec']}_vs_formula"] = st["bytes_sent_per_round"] / (
+            st["ratio_vs_formula"] = st["bytes_sent_per_round"] / (
                 st["formula_fp32_allreduce_bytes_per_step"] * st["inner_steps_per_round"])
             defs[f"c.{st['codec']}"] = (
-                f"bytes sent per peer per DiLoCo round (averaging {st['codec']}, stage {s}, "
+                f"bytes sent (all-reduce tensor payload) per peer per DiLoCo round (averaging {st['codec']}, "
+                f"stage {s}, "
                 f"{st['inner_steps_per_round']:.1f} inner steps per peer per round on average, H={H}) / bytes a "
                 f"per-step fp32 gradient all-reduce sends over the same steps, measured in the same run: the "
                 f"sync-fp32 stage's bytes per peer per step, scaled by parameter count ({params[sync_stage]:,} -> "
                 f"{params[s]:,}) x inner steps")
-            defs[f"c.{st['codec']}_vs_formula"] = (
-                "same numerator / formula 2(n-1)/n x 4 bytes x params x inner steps (hivemind butterfly all-reduce, "
-                "n = 2 peers: 4 bytes/param/step)")
         formula = sync["formula_fp32_allreduce_bytes_per_step"]
         ratios["c.sync_measured_vs_formula"] = sync["bytes_sent_per_round"] / formula
-        defs["c.sync_measured_vs_formula"] = ("measured bytes per peer per step of the sync-fp32 stage / the formula "
-                                              "2(n-1)/n x 4 x params (n = 2): protocol overhead of the all-reduce")
+        defs["c.sync_measured_vs_formula"] = (
+            "measured bytes per peer per step of the sync-fp32 stage / the formula 2(n-1)/n x 4 bytes x params "
+            "(n = 2): a check of the counter (sync.rounds[].bytes_sent counts the all-reduce's tensor payload: "
+            "compressed part buffers, not framing, matchmaking or DHT traffic)")
         return {"ratios": ratios, "definitions": defs,
                 "figures": {"H": H, "steps": steps, "stages": {str(s): v for s, v in per_stage.items()},
                             "finished_in_time": finished, "leftover_pids_killed": killed}}
@@ -564,11 +637,22 @@ class Bench:
         start a replacement s1p2 (it downloads the stage state), stop everything with SIGTERM."""
         if "main" in self.results:
             return self.results["main"]
+        if "main_error" in self.results:  # run once: parts d, e and f share it
+            raise RuntimeError(f"the shared 2x2 run failed: {self.results['main_error']}")
+        try:
+            return self._main_run()
+        except Exception as e:
+            self.results["main_error"] = f"{type(e).__name__}: {e}"
+            raise
+
+    def _main_run(self) -> dict:
         ttl = self.cfg.swarm.record_ttl
         H = self.cfg.swarm.sync_every if not self.tiny else 5
         warm_steps = H + 2  # one outer round done before the steady window
-        base_s = self.t(30, 10)
-        obs_s = max(ttl + 5, self.t(30, 12))  # the dead peer's record has expired before the replacement starts
+        base_s = self.t(20, 10)
+        # the dead peer's record expires (record_ttl) before the replacement starts; until then its stage mate may
+        # still try to average with it
+        obs_s = max(ttl + self.t(20, 6), self.t(25, 12))
         deadline = time.time() + self.t(420, 240)
         run_dir = self.out / "def"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -606,20 +690,20 @@ class Bench:
             time.sleep(2.0)
             info.update(join_start_to_serving_s=t_serving - t_join)
             series0, series1 = tracker.series(0), tracker.series(1)
+            (run_dir / "timeline.json").write_text(json.dumps(
+                {"t_base0": t_base0, "t_kill": t_kill, "t_join": t_join, "info": info, "stage0": series0,
+                 "stage1": series1, "fields": ["t", "inner_step", "samples", "state", "round"]}))
         finally:
-            killed = procs.close()
+            # a peer stopped in the middle of an outer round finishes it first (up to swarm.averaging_timeout)
+            killed = procs.close(grace=self.cfg.swarm.averaging_timeout + 20)
             tracker.close()
         names = ["s0p0", "s0p1", "s1p0", "s1p2"]
         summaries = self.read_summaries(run_dir, names)
-        missing = [n for n in names if n not in summaries]
-        if missing:  # a peer writes its summary on SIGTERM before shutting hivemind down
-            raise RuntimeError(f"no summary from {missing} (exit codes "
-                               f"{ {n: procs.procs[n].returncode for n in names} })")
         info["exit_codes"] = {n: procs.procs[n].returncode for n in [*names, "s1p1"]}
         self.summaries["def"] = summaries
         run = {"info": info, "series0": series0, "t_base0": t_base0, "t_kill": t_kill, "victim": victim_id,
                "summaries": summaries, "leftover_pids_killed": killed, "series1": series1}
-        self.results["main"] = run
+        self.results["main"] = run  # parts d, e, f each use what they need from it
         return run
 
     def loopback_bandwidth(self) -> dict:
@@ -630,6 +714,9 @@ class Bench:
     def part_d(self) -> dict:
         run = self.main_run()
         bw = self.loopback_bandwidth()
+        if "s1p2" not in run["summaries"]:  # a peer writes its summary on SIGTERM before shutting hivemind down
+            raise RuntimeError(f"no summary from the replacement s1p2 (exit codes {run['info']['exit_codes']}):\n"
+                               + (self.out / "def" / "s1p2.log").read_text()[-3000:])
         joiner = run["summaries"]["s1p2"]
         joins = [r for r in joiner["sync"]["recoveries"] if r["reason"] == "joining the stage"]
         if not joins:
@@ -658,39 +745,24 @@ class Bench:
         r0 = samples_base / base
         expected = r0 * 1 / 2  # stage 1 lost 1 of its 2 peers
         times = [t for t in event_times(s0) if t > t_kill]
-        # per stage-0 peer: its first step after the kill happened in (max(previous record, kill), first record
-        # showing it]; the stage's first step is the earliest of them
-        first = first_lo = None
-        for ser in s0.values():
-            at_kill = total_at({"p": ser}, t_kill, 1)
-            prev = t_kill
-            for e in ser:
-                if e[0] > t_kill and e[1] > at_kill:
-                    first = e[0] if first is None else min(first, e[0])
-                    first_lo = prev if first_lo is None else min(first_lo, prev)
-                    break
-                prev = max(prev, e[0])
+        stall = longest_gap(s0, t_kill, t_kill + run["info"]["observe_s"])
+        normal_gap = longest_gap(s0, t_b, t_kill)
         window = max(5 * interval, 2.0)
         obs_end = t_kill + run["info"]["observe_s"]
+        # sustained recovery: from this reading on, every rolling-rate reading in the window stays >= 90 %
         recovered = None
-        for t in times:
-            if t > obs_end:
-                break
-            if t - window < t_kill:
-                continue
-            if (total_at(s0, t, 2) - total_at(s0, t - window, 2)) / window >= 0.9 * expected:
-                recovered = t
-                break
+        for t in [t for t in times if t_kill + window <= t <= obs_end]:
+            ok = (total_at(s0, t, 2) - total_at(s0, t - window, 2)) / window >= 0.9 * expected
+            recovered = (recovered or t) if ok else None
         half = (obs_end - t_kill) / 2
         r1 = (total_at(s0, obs_end, 2) - total_at(s0, obs_end - half, 2)) / half
-        if first is None:
-            raise RuntimeError("stage 0 made no step after the kill within the observation window")
         censored = recovered is None
         rec_s = (recovered if recovered is not None else obs_end) - t_kill  # >= window by construction
         seq = self.cfg.data.seq_len
-        return {"ratios": {"e.stall": (first - t_kill) / interval, "e.recovery": rec_s / interval},
-                "figures": {"step_interval_s": interval, "stall_s": first - t_kill,
-                            "stall_lower_bound_s": first_lo - t_kill, "recovery_s": rec_s,
+        return {"ratios": {"e.stall": stall / interval, "e.stall_vs_pre_kill_gap": stall / normal_gap,
+                           "e.recovery": rec_s / interval},
+                "figures": {"step_interval_s": interval, "stall_s": stall, "pre_kill_longest_gap_s": normal_gap,
+                            "recovery_s": rec_s,
                             "recovery_censored": censored, "rolling_window_s": window,
                             "recovery_window_start_s": rec_s - window,
                             "pre_kill_tokens_per_s": r0 * seq, "post_kill_tokens_per_s": r1 * seq,
@@ -698,15 +770,16 @@ class Bench:
                             "steady_window_s": base, "observe_s": run["info"]["observe_s"],
                             "announce_period_s": ANNOUNCE_PERIOD},
                 "definitions": {
-                    "e.stall": "time from the kill -9 (whole process group of stage-1 peer s1p1, p2pd included) until "
-                               "stage 0's next completed inner step, upper bound: the first stage record of any "
-                               "stage-0 peer showing a higher step (records every 0.5 s; the lower bound, that "
-                               "peer's previous record, is in the figures) / normal step interval (steady window "
-                               "before the kill / inner steps of all stage-0 peers in it)",
+                    "e.stall": "longest time without any completed stage-0 inner step in the observation window "
+                               "that starts at the kill -9 (whole process group of stage-1 peer s1p1, p2pd "
+                               "included); steps are seen in the stage records (every 0.5 s: +-0.5 s) / normal step "
+                               "interval (steady window before the kill / inner steps of all stage-0 peers in it)",
+                    "e.stall_vs_pre_kill_gap": "the same longest gap / the longest gap in the steady window before "
+                                               "the kill (DiLoCo rounds pause steps too)",
                     "e.recovery": "time from the kill until stage 0's rolling token rate (over the last W = "
-                                  "max(5 step intervals, 2 s), all after the kill, so never below W) first reads "
-                                  ">= 90% of the expected surviving capacity = pre-kill rate x 1/2 (stage 1 keeps 1 "
-                                  "of 2 peers) / normal step interval"
+                                  "max(5 step intervals, 2 s), all after the kill, so never below W) reads >= 90% of "
+                                  "the expected surviving capacity (pre-kill rate x 1/2: stage 1 keeps 1 of 2 peers) "
+                                  "and stays there to the end of the observation window / normal step interval"
                                   + (" (not reached: the observation window, a lower bound)" if censored else "")}}
 
     def part_f(self) -> dict:
@@ -771,9 +844,12 @@ def markdown(report: dict) -> str:
     parts = report["parts"]
     if "ratios" in parts.get("a", {}):
         f = parts["a"]["figures"]
-        lines += ["", "**a.** tokens/s: swarm steady " + fmt(f["swarm_steady_tokens_per_s"]) + ", baseline steady "
-                  + fmt(f["baseline_steady_tokens_per_s"]) + "; end to end " + fmt(f["swarm_end_to_end_tokens_per_s"])
-                  + " vs " + fmt(f["baseline_end_to_end_tokens_per_s"]) + f" ({f['steps']} steps)."]
+        sw, b, b1 = f["swarm_steady"], f["baseline_steady"], f["baseline_1_thread_steady"]
+        lines += ["", f"**a.** steady tokens/s: swarm {fmt(sw['tokens_per_s'])} on {fmt(sw['cores'])} cores, baseline "
+                  f"{fmt(b['tokens_per_s'])} on {fmt(b['cores'])} cores (1 thread: {fmt(b1['tokens_per_s'])} on "
+                  f"{fmt(b1['cores'])}); tokens per CPU second: swarm {fmt(sw['tokens_per_cpu_s'])}, baseline "
+                  f"{fmt(b['tokens_per_cpu_s'])} (1 thread: {fmt(b1['tokens_per_cpu_s'])}); end to end "
+                  f"{fmt(f['swarm_end_to_end_tokens_per_s'])} vs {fmt(f['baseline_end_to_end_tokens_per_s'])}."]
     if "ratios" in parts.get("b", {}):
         lines += ["", "**b.** one hop = one tensor there and a same-shaped one back:", "",
                   "| case | shape | codec | hops/s | p50 ms | wire MiB/s | vs raw TCP |",
@@ -798,9 +874,11 @@ def markdown(report: dict) -> str:
                   f"{fmt(f['process_start_to_serving_s'])} s."]
     if "ratios" in parts.get("e", {}):
         f = parts["e"]["figures"]
-        lines += ["", f"**e.** step interval {fmt(f['step_interval_s'])} s; stall {fmt(f['stall_s'])} s; recovery "
-                  f"{fmt(f['recovery_s'])} s{' (not reached)' if f['recovery_censored'] else ''}; tokens/s before "
-                  f"{fmt(f['pre_kill_tokens_per_s'])}, after {fmt(f['post_kill_tokens_per_s'])} "
+        lines += ["", f"**e.** stage-0 step interval {fmt(f['step_interval_s'])} s; longest gap without a step: "
+                  f"{fmt(f['stall_s'])} s after the kill, {fmt(f['pre_kill_longest_gap_s'])} s in the steady window "
+                  f"before; recovery {fmt(f['recovery_s'])} s{' (not reached)' if f['recovery_censored'] else ''} "
+                  f"(rolling window {fmt(f['rolling_window_s'])} s); tokens/s before {fmt(f['pre_kill_tokens_per_s'])},"
+                  f" in the 2nd half of the {fmt(f['observe_s'])} s after {fmt(f['post_kill_tokens_per_s'])} "
                   f"({fmt(f['post_over_pre'])} x)."]
     if "ratios" in parts.get("f", {}):
         lines += ["", "**f.** memory per peer:", "",

@@ -214,6 +214,7 @@ class WanBench:
                 a += ["--data-shard", f"{name[-1]}/2"]
             return a + (["--initial-peers", bootstrap] if bootstrap else [])
 
+        finished = False
         try:
             procs.start("s1p0", args_for(0, "s1p0", 1, None), prefix=wan.prefix(0))
             maddrs = run_dir / "s1p0.maddrs"
@@ -231,8 +232,8 @@ class WanBench:
             if finished:
                 procs.wait_exit(names, min(deadline, time.time() + 60))
             lines = {n: list(procs.lines[n]) for n in ("s0p0", "s0p1")}
-        finally:
-            procs.close()
+        finally:  # stopped early, a peer in the middle of an outer round finishes it first (averaging_timeout)
+            procs.close(grace=30.0 if finished else 90.0)
         summaries = {}
         for n, _ in layout:
             f = run_dir / f"{n}.json"

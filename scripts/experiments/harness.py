@@ -2,7 +2,7 @@
 evaluate its final model with `swarm_peer.baseline.evaluate` on the same held-out microbatches as every other method.
 
 Every child process gets its own session (process group), so its hivemind DHT process and p2pd are stopped with it;
-every wait is bounded; `stop()` runs on success, error and Ctrl-C alike.
+every wait is bounded; `Procs` stops them all (stop_all) on success, error, Ctrl-C and SIGTERM alike.
 """
 from __future__ import annotations
 
@@ -27,25 +27,30 @@ def _sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """TERM the process group (the peer shuts its DHT and p2pd down), then KILL whatever is left of it."""
-    if proc.poll() is None:
+def stop_all(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
+    """TERM every process group (a peer then shuts its DHT and p2pd down), wait `grace` seconds for all of them
+    together, then KILL whatever is left of each group."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             pass
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their leader (normally none)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their leader (normally none)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 class Procs:
@@ -65,14 +70,7 @@ class Procs:
         return self
 
     def __exit__(self, *exc):
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs.values():
-            stop(proc)
+        stop_all(list(self.procs.values()))
 
 
 def _tail(path: Path, n: int = 2500) -> str:

@@ -162,8 +162,9 @@ def plots(results: dict, out: Path) -> list[str]:
         ref = {int(k[2:]): v for k, v in PUBLISHED["exp2"].items()}
         b.plot(list(ref), list(ref.values()), "s-", color="C1")
         b.set(xscale="log", xlabel="H", ylabel="perplexity", title="published (GPT-2 small, FineWeb-Edu)")
-        for axis in (a, b):
-            axis.set_xticks(sorted(set(hs) if axis is a else ref), [str(h) for h in sorted(set(hs) if axis is a else ref)])
+        for axis, ticks in ((a, sorted(set(hs))), (b, sorted(ref))):
+            axis.minorticks_off()
+            axis.set_xticks(ticks, [str(t) for t in ticks])
             axis.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / "perplexity_vs_H.png", dpi=110)

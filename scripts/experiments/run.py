@@ -36,7 +36,7 @@ TINY = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=4", "mode
         "data.seq_len=32", "data.batch_size=8", "data.microbatch_size=2", "data.max_tokens=200000",
         "optim.inner.warmup_steps=2", "swarm.announce_period=0.5", "swarm.record_ttl=6", "swarm.matchmaking_time=2",
         "swarm.averaging_timeout=30", "swarm.averaging_chunk_timeout=5", "run.eval_interval=0"]
-DEFAULT_STEPS = {"exp1": 50, "exp2": 50, "exp3": 50}
+DEFAULT_STEPS = 50  # N: ~11 min for exp1 on 2 shared cores (load ~8); 100 doubles it
 SIZES = {  # exp3's model pairs: label -> overrides ([] = the config's own model, tiny.yaml: h192 L6, 2.8M parameters)
     "default": {"small": ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=4"], "config": []},
     "large": {"config": [], "large": ["model.hidden_size=256", "model.num_layers=8", "model.num_heads=8"]},
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)  # runs the cleanup of every child (harness.Procs) on the way out
     all_results, steps = {}, a.steps
     for exp in (["exp1", "exp2", "exp3"] if a.exp == "all" else [a.exp]):
-        a.steps = steps or (6 if a.tiny else DEFAULT_STEPS[exp])
+        a.steps = steps or (6 if a.tiny else DEFAULT_STEPS)
         all_results[exp] = run_experiment(exp, a)
     if a.exp == "all" and a.out:
         Path(a.out, "all.json").write_text(json.dumps({e: r["methods"] for e, r in all_results.items()}, indent=1))
