@@ -70,14 +70,16 @@ def test_churn_soak_two_stages_by_three_peers(swarm_factory):
         kills, crashes, recoveries = [], [], []  # recoveries: (victim, replacement, seconds from kill to serving)
         phase_end = time.monotonic() + PHASE_BUDGET_S
         pending: list[tuple[str, str, float]] = []
+        armed: set[str] = set()  # replacements that will kill themselves inside their first all-reduce
         last_kill = 0.0
-        while (len(kills) < EXTERNAL_KILLS or pending) and time.monotonic() < phase_end:
+        while (len(kills) < EXTERNAL_KILLS or pending or armed) and time.monotonic() < phase_end:
             # replacements that died in their first all-reduce are kills too: replace them
             for stage in (0, 1):
                 for name in list(live[stage]):
                     if swarm.procs[name].poll() is not None:
                         assert swarm.procs[name].returncode == -signal.SIGKILL, swarm.log(name)[-3000:]
                         live[stage].remove(name)
+                        armed.discard(name)
                         crashes.append(name)
                         pending = [p for p in pending if p[1] != name]
                         pending.append((name, start(stage), time.monotonic()))
@@ -89,18 +91,23 @@ def test_churn_soak_two_stages_by_three_peers(swarm_factory):
             # on 2 busy cores, so kills overlap them); victims are mid-forward/backward most of the time
             stage = len(kills) % 2
             serving = [n for n in live[stage] if _serving(swarm, n)]
-            if len(kills) < EXTERNAL_KILLS and len(serving) >= 2 and time.monotonic() - last_kill > KILL_EVERY_S:
-                victim = rng.choice(serving)
+            victims = [n for n in serving if n not in armed]  # armed ones are left to die in an all-reduce
+            if len(kills) < EXTERNAL_KILLS and len(serving) >= 2 and victims and \
+                    time.monotonic() - last_kill > KILL_EVERY_S:
+                victim = rng.choice(victims)
                 swarm.kill(victim)
                 last_kill = time.monotonic()
                 live[stage].remove(victim)
                 kills.append(victim)
                 crash = len(kills) % 3 == 1  # kills 1, 4, 7: this replacement dies in its first all-reduce
-                pending.append((victim, start(stage, crash=crash), time.monotonic()))
+                replacement = start(stage, crash=crash)
+                if crash:
+                    armed.add(replacement)
+                pending.append((victim, replacement, time.monotonic()))
             time.sleep(0.3)
-        assert len(kills) == EXTERNAL_KILLS and not pending, (kills, pending, "kill phase over budget")
+        assert len(kills) == EXTERNAL_KILLS and not pending and not armed, (kills, pending, armed, "over budget")
         total_kills = len(kills) + len(crashes)
-        assert total_kills >= 10 and len(crashes) >= 1, (kills, crashes)
+        assert total_kills >= 10 and len(crashes) == 3, (kills, crashes)
 
         # every peer alive now (replacements included) completes an agreed round with stage mates before we stop
         final = live[0] + live[1]
