@@ -8,7 +8,11 @@ Training semantics (why the numbers are exact):
   S stages and M microbatches per step). Senders see a closed window as queue/backpressure and route around it.
 - Loss scale. The last stage back-propagates mean_loss * n / batch_size for a microbatch of n samples, so a full
   window sums to the batch-mean gradient exactly as the single-process baseline computes it. A window that closes
-  with fewer completed samples (an abandoned microbatch) is rescaled to its own sample count before the step.
+  with fewer samples in `p.grad` (an abandoned microbatch) is rescaled to its own sample count before the step.
+- What is in `p.grad` is counted on the compute thread, by the backward that put it there (`grad_samples`), not by
+  the caller: a request abandoned by its caller (a hop timeout cancels the handler) has its queued backward skipped
+  (`Ticket.abandoned`), one already running is counted, and a backward of an earlier window never runs into a
+  later one (`Ticket.window`). So every step's gradient is exactly the sum over the microbatches it counts.
 - One compute thread executes all torch work in priority order: optimizer step, then backward, then forward (a
   backward frees memory and unblocks the sender; a forward only adds work).
 """
@@ -29,6 +33,7 @@ from swarm_peer.model import StageModel, build_stage, stage_spec, weights_hash
 from swarm_peer.optim import build_inner_optimizer, clip_grad_norm
 
 STEP, BACKWARD, FORWARD = 0, 1, 2
+LEDGER_STEPS = 256  # the summary lists which microbatches each of the last this-many inner steps summed
 
 
 class ComputeThread:
@@ -88,7 +93,7 @@ class GradientWindow:
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
-        self.admitted = self.pending = self.completed = 0
+        self.admitted = self.pending = 0
         self.waiting = 0  # microbatches blocked in admit(): the peer's queue
         self._open = asyncio.Event()
         self._open.set()
@@ -118,17 +123,14 @@ class GradientWindow:
         if self.admitted >= self.batch_size:
             self._open.clear()
 
-    def finish(self, samples: int, ok: bool) -> None:
+    def finish(self) -> None:
         self.pending -= 1
-        if ok:
-            self.completed += samples
         if self.pending == 0 and not self._open.is_set():
             self._drained.set()
 
-    async def wait_full(self) -> int:
-        """Wait until the window is closed and drained; returns the completed sample count."""
+    async def wait_full(self) -> None:
+        """Wait until the window is closed and drained (what was computed is counted by the trainer)."""
         await self._drained.wait()
-        return self.completed
 
     def close(self, reject_waiting: bool = True) -> None:
         """Close now, whatever is admitted (a sync is due): wait_full() returns once in-flight work drains."""
@@ -152,10 +154,23 @@ class GradientWindow:
         return self._open.is_set()
 
     def reopen(self) -> None:
-        self.admitted = self.pending = self.completed = 0
+        self.admitted = self.pending = 0
         self._drained.clear()
         self._reject.clear()
         self._open.set()
+
+
+class Abandoned(Exception):
+    """The caller gave up on this microbatch (or its window was stepped) before its backward began."""
+
+
+@dataclass
+class Ticket:
+    """One microbatch's claim on the current gradient window (see the module docstring)."""
+    mb: str
+    samples: int
+    window: int
+    abandoned: bool = False
 
 
 @dataclass
@@ -178,6 +193,11 @@ class StageTrainer:
         self.opt, self.sched = build_inner_optimizer(self.params, cfg.optim.inner, cfg.run.max_steps)
         self.inner_step = 0
         self.samples_stepped = 0
+        self.window_id = 0  # bumped by every step: tickets of an earlier window never touch p.grad
+        self.grad_samples = 0  # samples whose backward is in p.grad (compute thread only)
+        self._grad_mbs: list[str] = []  # ... and their microbatch ids, in accumulation order
+        self.abandoned = 0  # backwards skipped because their caller had given up
+        self.ledger: list[list] = []  # [inner step, samples, [mb ids]] of the last LEDGER_STEPS steps
         self.compute_seconds = 0.0
         self.throughput = 0.0  # samples/s EMA of this peer's compute
 
@@ -197,24 +217,42 @@ class StageTrainer:
         self._account(x.shape[0], time.perf_counter() - t0)
         return Pending(x, out, t0)
 
-    def backward(self, pending: Pending, grad_out: torch.Tensor) -> torch.Tensor | None:
+    def ticket(self, mb: str, samples: int) -> Ticket:
+        return Ticket(mb, samples, self.window_id)
+
+    def _check(self, ticket: Ticket) -> None:
+        if ticket.abandoned or ticket.window != self.window_id:
+            self.abandoned += 1
+            raise Abandoned(f"microbatch {ticket.mb} abandoned before its backward")
+
+    def _counted(self, ticket: Ticket) -> None:
+        self.grad_samples += ticket.samples
+        self._grad_mbs.append(ticket.mb)
+
+    def backward(self, pending: Pending, grad_out: torch.Tensor, ticket: Ticket) -> torch.Tensor | None:
+        self._check(ticket)
         t0 = time.perf_counter()
         grad_out = grad_out.to(self.device, dtype=pending.outputs.dtype)
         if not torch.isfinite(grad_out).all():
             raise ValueError("non-finite gradient received; microbatch dropped")
         torch.autograd.backward(pending.outputs, grad_out)
+        self._counted(ticket)
         self._account(pending.inputs.shape[0], time.perf_counter() - t0)
         return None if self.spec.is_first else pending.inputs.grad.detach()
 
-    def forward_backward_last(self, x: torch.Tensor, labels: torch.Tensor, samples: int) -> tuple[torch.Tensor, float]:
+    def forward_backward_last(self, x: torch.Tensor, labels: torch.Tensor, ticket: Ticket) -> tuple[torch.Tensor, float]:
         """Last stage: forward, loss, backward of loss * samples / batch_size; returns (input grad, mean loss)."""
+        self._check(ticket)
+        samples = ticket.samples
         pending = self.forward(x)
+        self._check(ticket)  # abandoned during the forward: nothing reaches p.grad
         t0 = time.perf_counter()
         loss = StageModel.loss(pending.outputs, labels.to(self.device))
         value = loss.item()
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError("non-finite loss; microbatch dropped")
         (loss * (samples / self.cfg.data.batch_size)).backward()
+        self._counted(ticket)
         self._account(samples, time.perf_counter() - t0)
         return pending.inputs.grad.detach(), value
 
@@ -226,14 +264,29 @@ class StageTrainer:
     def forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(self.device))
 
-    def step(self, completed_samples: int, grads_are_mean: bool = False) -> None:
-        """Inner AdamW step on this peer's own accumulated samples (`grads_are_mean`: already the batch mean, as
-        after a sync-mode gradient average)."""
-        if completed_samples <= 0:
+    def seal(self) -> int:
+        """Close the gradient of the current window (compute thread): returns the samples in p.grad; a backward
+        still queued for this window is skipped from now on."""
+        self.window_id += 1
+        return self.grad_samples
+
+    def discard_gradients(self) -> None:
+        """Drop what is in p.grad (its state was replaced, e.g. by a download): nothing of it may be stepped."""
+        self.opt.zero_grad(set_to_none=True)
+        self.window_id += 1
+        self.grad_samples, self._grad_mbs = 0, []
+
+    def step(self, grads_are_mean: bool = False) -> int:
+        """Inner AdamW step on the samples counted in p.grad (`grads_are_mean`: already the batch mean, as after a
+        sync-mode gradient average). Returns the samples stepped."""
+        completed, mbs = self.grad_samples, self._grad_mbs
+        self.window_id += 1
+        self.grad_samples, self._grad_mbs = 0, []
+        if completed <= 0 and not grads_are_mean:
             self.opt.zero_grad(set_to_none=True)
-            return
-        if completed_samples != self.cfg.data.batch_size and not grads_are_mean:
-            scale = self.cfg.data.batch_size / completed_samples
+            return 0
+        if completed != self.cfg.data.batch_size and not grads_are_mean:
+            scale = self.cfg.data.batch_size / completed
             for p in self.params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
@@ -246,7 +299,9 @@ class StageTrainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.inner_step += 1
-        self.samples_stepped += completed_samples
+        self.samples_stepped += completed
+        self.ledger = [*self.ledger[-(LEDGER_STEPS - 1):], [self.inner_step, completed, mbs]]
+        return completed
 
     @torch.no_grad()
     def mean_gradients(self, completed_samples: int, out: list[torch.Tensor]) -> None:

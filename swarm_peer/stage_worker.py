@@ -292,23 +292,26 @@ class StageWorker:
         if meta.get("eval") or "sample" in meta:
             return await self._handle_eval(meta, hidden, labels)
         await self.window.admit(samples, rejectable=True)
+        ticket = self.trainer.ticket(str(meta.get("mb", ""))[:64], samples)
         ok = False
         try:
             if self.spec.is_last:
                 grad, loss = await self.compute.run(BACKWARD, lambda: self.trainer.forward_backward_last(
-                    hidden, labels, samples))
+                    hidden, labels, ticket))
                 self._step_losses.append(loss)
                 self.telemetry.on_loss(loss)
                 reply = {"loss": loss}
             else:
                 pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(hidden))
                 reply, (grad_out,) = await self.send_downstream(meta, pending.outputs, labels)
-                grad = await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out))
+                grad = await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out, ticket))
             ok = True
             self.stats["microbatches"] += 1
             return {k: v for k, v in reply.items() if k == "loss"}, [grad.to("cpu")]
         finally:
-            self.window.finish(samples, ok)
+            if not ok:  # failed, or cancelled by a caller that timed out: a queued backward must not run
+                ticket.abandoned = True
+            self.window.finish()
 
     async def _handle_eval(self, meta: dict, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[dict, list]:
         """No gradients, no window: eval returns the last stage's loss, sample its logits at position `sample`."""
@@ -357,7 +360,8 @@ class StageWorker:
         """Whenever the window is closed and drained: [sync mode: average gradients], inner step, [diloco: an outer
         round when due or asked for], [recover the stage's state if ours disagrees], then reopen the window."""
         while True:
-            completed = await self.window.wait_full()
+            await self.window.wait_full()
+            completed = await self.compute.run(STEP, self.trainer.seal)  # exactly the samples in p.grad
             averaged = None
             if self.sync.mode == "sync" and (completed > 0 or self.sync.others):
                 self.window.close()  # queued requests get "busy" now instead of timing out during the round
@@ -365,8 +369,7 @@ class StageWorker:
                 self._recover_wanted |= averaged is None
             if averaged is not None or not self._recover_wanted:
                 try:
-                    await self.compute.run(STEP, lambda: self.trainer.step(
-                        max(completed, 1) if averaged else completed, grads_are_mean=averaged is not None))
+                    await self.compute.run(STEP, lambda: self.trainer.step(grads_are_mean=averaged is not None))
                 except ValueError as e:
                     log.warning(f"stage {self.stage}: {e}")
                 if completed > 0:
@@ -397,12 +400,13 @@ class StageWorker:
 
     async def _drive_one(self, index: int, mb: Microbatch, sem: asyncio.Semaphore) -> None:
         samples = mb.input_ids.shape[0]
+        ticket = self.trainer.ticket(f"{self.peer_id[-12:]}:{index}", samples)
         ok = False
         try:
             pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(mb.input_ids))
-            meta = {"mb": f"{self.peer_id[-12:]}:{index}", "n": samples}
+            meta = {"mb": ticket.mb, "n": samples}
             reply, (grad_out,) = await self.send_downstream(meta, pending.outputs, mb.labels)
-            await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out))
+            await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out, ticket))
             if isinstance(reply.get("loss"), float) and math.isfinite(reply["loss"]):
                 self._step_losses.append(reply["loss"])
                 if self.spec.num_stages == 1:
@@ -413,7 +417,9 @@ class StageWorker:
             self.stats["lost_microbatches"] += 1
             log.warning(f"stage 0: microbatch {index} lost: {e}")
         finally:
-            self.window.finish(samples, ok)
+            if not ok:
+                ticket.abandoned = True
+            self.window.finish()
             sem.release()
 
     async def drive(self, max_steps: int) -> None:
@@ -424,7 +430,7 @@ class StageWorker:
             await sem.acquire()
             await self.window.admit(self.cfg.data.microbatch_size)
             if self.trainer.inner_step >= max_steps:  # the window that just closed was the last one
-                self.window.finish(self.cfg.data.microbatch_size, False)
+                self.window.finish()
                 sem.release()
                 break
             mb = self.sampler.next()
@@ -515,6 +521,7 @@ class StageWorker:
             "microbatches": self.stats["microbatches"], "lost_microbatches": self.stats["lost_microbatches"],
             "retries": self.stats["retries"], "busy_replies": self.stats["busy_replies"],
             "upstream_lost": bool(self.stats["upstream_lost"]), "memory": memory_report(self),
+            "abandoned_backwards": self.trainer.abandoned, "ledger": self.trainer.ledger,
             "loss_curve": self.loss_curve, "tokens_per_s": tokens / max(wall, 1e-6), "wall_time_s": wall,
             "compute_time_s": self.trainer.compute_seconds,
             "forwarded_to": self.router.sent_counts(), "transport": STATS.snapshot(),

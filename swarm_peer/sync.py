@@ -174,7 +174,7 @@ class StageSync:
             for p, t in zip(self.trainer.params, tensors[:n]):
                 p.copy_(t.to(p.device, p.dtype))
             self.trainer.load_inner_state(int(meta.get("adam_steps", 0)), tensors[n:], int(meta.get("inner_step", 0)))
-        self.trainer.opt.zero_grad(set_to_none=True)
+        self.trainer.discard_gradients()
         self.progress = Progress(global_hash=self._state_hash(), round=int(meta["round"]))
 
     # ---- bookkeeping from the worker
