@@ -19,6 +19,7 @@ all tokens of its group before reducing, and hivemind's own (untokened) state do
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import logging
 import math
@@ -330,7 +331,7 @@ def wait_step(control, give_up: Callable[[], Optional[str]], poll: float = 0.25,
     while True:
         try:
             return control.result(timeout=poll), None
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # MPFuture raises this one (not the builtin before Python 3.11)
             pass
         except Exception as e:  # the step failed
             return None, " ".join(str(e).split())[:200] or type(e).__name__

@@ -254,15 +254,21 @@ class StageTrainer:
         (loss * (samples / self.cfg.data.batch_size)).backward()
         self._counted(ticket)
         self._account(samples, time.perf_counter() - t0)
-        return pending.inputs.grad.detach(), value
+        return (None if self.spec.is_first else pending.inputs.grad.detach()), value
 
     @torch.no_grad()
     def evaluate_last(self, x: torch.Tensor, labels: torch.Tensor) -> float:
-        return StageModel.loss(self.model(x.to(self.device)), labels.to(self.device)).item()
+        return StageModel.loss(self.forward_no_grad(x), labels.to(self.device)).item()
 
     @torch.no_grad()
     def forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(self.device))
+        """Evaluation and sampling: eval mode (no dropout), then back to training (all on the compute thread, so no
+        training forward runs in between)."""
+        self.model.eval()
+        try:
+            return self.model(x.to(self.device))
+        finally:
+            self.model.train()
 
     def seal(self) -> int:
         """Close the gradient of the current window (compute thread): returns the samples in p.grad; a backward

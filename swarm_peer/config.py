@@ -2,6 +2,8 @@
 
 Every command line (baseline, peer, monitor, ...) loads its config through `load_config`; a bad file, field
 or override raises `ConfigError` whose message is one line naming the field, and the CLIs exit 2 on it.
+`load_config` also resolves `model.vocab_size` (see `resolve_vocab_size`), so every stage of a run builds the
+same embedding and head and computes the same fingerprint, whichever entry point loaded the config.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 Codec = Literal["none", "fp16", "bf16", "8bit"]
+BYTES_VOCAB_SIZE = 257  # the bytes tokenizer (data.ByteTokenizer): 256 byte values + end-of-document
 
 
 class ConfigError(ValueError):
@@ -33,7 +36,8 @@ class ModelConfig(_Section):
     family: Literal["gpt2", "llama"] = "gpt2"
     # a local directory with a transformers checkpoint (or a hub name the user chose); overrides the shape below
     name_or_path: Optional[str] = None
-    vocab_size: int = Field(257, gt=0)
+    # follows data.tokenizer (or the local checkpoint at name_or_path) unless set in the YAML or by --set
+    vocab_size: int = Field(BYTES_VOCAB_SIZE, gt=0)
     hidden_size: int = Field(192, gt=0)
     num_layers: int = Field(6, gt=0)
     num_heads: int = Field(6, gt=0)
@@ -232,9 +236,64 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     for override in overrides:
         apply_override(tree, override)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_error(e)) from None
+    return resolve_vocab_size(cfg)
+
+
+def check_vocab_fits(vocab_size: int, tokenizer_vocab: int, tokenizer: str) -> None:
+    if tokenizer_vocab > vocab_size:
+        raise ConfigError(f"model.vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer_vocab} "
+                          f"({tokenizer}): raise it, or leave it out to follow the tokenizer")
+
+
+def resolve_vocab_size(cfg: Config) -> Config:
+    """Set `model.vocab_size` from what the model must embed, unless the config set it explicitly.
+
+    Not set (absent from the YAML and the overrides, i.e. not in pydantic's `model_fields_set`): the vocabulary of
+    the local checkpoint at `model.name_or_path` (its config.json), else the tokenizer's (bytes: 257; a
+    transformers tokenizer: len(tokenizer), loading only the tokenizer, from a local directory without network;
+    a hub name is fetched, as the user named it). Set explicitly: kept, and checked against the tokenizer when
+    that needs no network (bytes or a local directory; a hub tokenizer is checked when stage 0 loads the corpus).
+    Done at load time on every peer, not only on stage 0 (the one loading the corpus), because every stage
+    builds its part of the model from the config and the fingerprint hashes the model section.
+    """
+    model = cfg.model
+    explicit = "vocab_size" in model.model_fields_set
+    if model.name_or_path is not None:
+        # the checkpoint's vocabulary is what the model has (hf_config ignores vocab_size); a hub checkpoint is
+        # left alone here so that tools which only read the config never need the network
+        if not explicit and os.path.isdir(model.name_or_path):
+            model.vocab_size = _checkpoint_vocab_size(model.name_or_path)
+        return cfg
+    name = cfg.data.tokenizer
+    if explicit and name != "bytes" and not os.path.isdir(name):
+        return cfg
+    if name == "bytes":
+        needed = BYTES_VOCAB_SIZE
+    else:
+        from swarm_peer.data import get_tokenizer  # data imports this module; transformers only when needed
+
+        needed = get_tokenizer(name, hint="" if explicit else "; or set model.vocab_size explicitly").vocab_size
+    if explicit:
+        check_vocab_fits(model.vocab_size, needed, name)
+    else:
+        model.vocab_size = needed
+    return cfg
+
+
+def _checkpoint_vocab_size(path: str) -> int:
+    from transformers import AutoConfig
+
+    try:
+        vocab = AutoConfig.from_pretrained(path, local_files_only=True).vocab_size
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ... here
+        raise ConfigError(f"model.name_or_path: cannot read a transformers config in {path}: "
+                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise ConfigError(f"model.name_or_path: the config in {path} has no vocab_size; set model.vocab_size")
+    return vocab
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

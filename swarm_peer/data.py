@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from swarm_peer.config import Config, ConfigError, DataConfig
+from swarm_peer.config import BYTES_VOCAB_SIZE, Config, ConfigError, DataConfig, check_vocab_fits
 
 _EMBEDDED_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__",
                   "ensurepip", "lib2to3", "tkinter"}  # skipped: not always installed, or not source text
@@ -38,7 +38,7 @@ _LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255 plus end-of-document 256: needs no files and no network."""
 
-    name, vocab_size, eos_id = "bytes", 257, 256
+    name, vocab_size, eos_id = "bytes", BYTES_VOCAB_SIZE, 256
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -50,11 +50,15 @@ class ByteTokenizer:
 class HFTokenizer:
     """A transformers tokenizer (local directory, or a hub name the user chose)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, hint: str = ""):
         from transformers import AutoTokenizer
 
         self.name = name
-        self.tok = AutoTokenizer.from_pretrained(name, local_files_only=os.path.isdir(name))
+        try:  # a local directory never reaches the network; a hub name does (the user named it)
+            self.tok = AutoTokenizer.from_pretrained(name, local_files_only=os.path.isdir(name))
+        except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ... here
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(" .:")
+            raise ConfigError(f"data.tokenizer: cannot load {name!r} ({first}){hint}") from None
         self.vocab_size = len(self.tok)
         eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
         if eos is None:
@@ -68,8 +72,9 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def get_tokenizer(name: str):
-    return ByteTokenizer() if name == "bytes" else HFTokenizer(name)
+def get_tokenizer(name: str, hint: str = ""):
+    """The tokenizer named by data.tokenizer; an unloadable one is a ConfigError (one line, + `hint`)."""
+    return ByteTokenizer() if name == "bytes" else HFTokenizer(name, hint)
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -169,9 +174,8 @@ def load_corpus(cfg: Config) -> Corpus:
     """Tokenize, pack and split the configured source (cached on disk)."""
     d = cfg.data
     tokenizer = get_tokenizer(d.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size and cfg.model.name_or_path is None:
-        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} ({d.tokenizer})")
+    if cfg.model.name_or_path is None:  # load_config checked it already unless the tokenizer is a hub name
+        check_vocab_fits(cfg.model.vocab_size, tokenizer.vocab_size, d.tokenizer)
     kind, ident = _source_key(d)
     key = hashlib.sha256(f"{kind}/{ident}/{d.tokenizer}/{d.seq_len}/{d.max_tokens}".encode()).hexdigest()[:20]
     cache = Path(d.cache_dir) / f"packed-{key}.npy"

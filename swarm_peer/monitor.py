@@ -7,7 +7,7 @@ Per metrics window w (aligned on DHT time, see telemetry.py), once every peer ha
                     idle and non-training peers (monitors, tools) do not count
     tokens/s      = Σ tokens/s of stage-0 peers in window w;  samples = Σ stage-0 samples since start
     round[i]      = newest round among stage i's peers; hash agreement[i] = share of them holding the majority
-                    weights hash of that round;  eval loss = mean of stage-0 peers' latest validation loss
+                    weights hash of that round;  eval loss = mean of stage-0 peers' validation losses first published in window w
 """
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ from swarm_peer.config import add_config_args, config_from_args
 from swarm_peer.records import MetricRecord
 
 
-def aggregate(records: list[tuple[MetricRecord, float]], window: int, num_stages: int, now: float) -> dict:
-    """records: (record, expiration time). Only fresh records of exactly `window` count."""
+def aggregate(records: list[tuple[MetricRecord, float]], window: int, num_stages: int, now: float,
+              evals_seen: dict[str, int] | None = None) -> dict:
+    """records: (record, expiration time). Only fresh records of exactly `window` count. `evals_seen` (peer id ->
+    newest eval step already logged, updated here): a peer's validation loss is logged once per evaluation, not
+    again in every later window that still carries it."""
     fresh = [r for r, expires in records if expires > now and r.window == window]
     row: dict = {"window": window}
     last = [r for r in fresh if r.stage == num_stages - 1 and r.loss_count > 0]
@@ -49,8 +52,13 @@ def aggregate(records: list[tuple[MetricRecord, float]], window: int, num_stages
     row["tokens_per_s"] = sum(r.tokens_per_s for r in first)
     row["samples"] = sum(r.samples for r in first)
     row["bytes_sent"] = sum(r.bytes_sent for r in fresh)
-    evals = [r.eval_loss for r in first if r.eval_loss is not None]
+    seen = {} if evals_seen is None else evals_seen
+    new = [r for r in first if r.eval_loss is not None and r.eval_step > seen.get(r.peer_id, -1)]
+    for r in new:
+        seen[r.peer_id] = r.eval_step
+    evals = [r.eval_loss for r in new]
     if evals:
+        row["eval_step"] = max(r.eval_step for r in new)
         row["eval_loss"] = sum(evals) / len(evals)
         row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
     return row
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_header(num_stages), flush=True)
     from hivemind.utils import get_dht_time
 
-    logged, first_window, seen, empty_since = None, None, False, None
+    logged, first_window, seen, empty_since, evals_seen = None, None, False, None, {}
     deadline = time.monotonic() + args.max_seconds
     try:
         while not stop and time.monotonic() < deadline:
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             window = int((now - 0.5 * period) // period) - 1  # closed half a period ago: every peer has published
             if logged is None or window > logged:
                 rows = read_all(dht, args.run_id, num_stages)
-                row = aggregate(rows, window, num_stages, now)
+                row = aggregate(rows, window, num_stages, now, evals_seen)
                 if row["alive"] or "loss" in row:
                     first_window = window if first_window is None else first_window
                     _log(run, row, window - first_window, num_stages, args.history_json)

@@ -7,6 +7,7 @@ its JSON summary and exits 0.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import ipaddress
 import json
 import logging
@@ -89,7 +90,10 @@ def start_dht(args, validators, quiet: bool = False):
     setups."""
     import hivemind
 
+    from swarm_peer.reaper import start_reaper
     from swarm_peer.swarm_key import SwarmKeyAuthorizer, SwarmKeyValidator
+
+    start_reaper()  # before the DHT forks: on kill -9 of this process, its DHT, p2pd and averagers go too
 
     key = getattr(args, "swarm_key", None)
     if key is not None:
@@ -235,7 +239,7 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
             try:
                 future.result(timeout=0.5)
                 break
-            except TimeoutError:
+            except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 continue
         if args.checkpoint_dir:
             loop.run(worker.save_checkpoint("signal" if worker.stop_event.is_set() else "end"), timeout=300)
@@ -252,6 +256,11 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
             print(f"error: stage {args.stage - 1} stayed out of sight for swarm.upstream_timeout "
                   f"({cfg.swarm.upstream_timeout:g} s): check this machine's network; the checkpoint (if any) and "
                   f"summary are saved", file=sys.stderr)
+            return 1
+        if worker.stats.get("downstream_lost"):
+            print(f"error: no peer of stage 1 was visible for swarm.upstream_timeout ({cfg.swarm.upstream_timeout:g} "
+                  f"s): check this machine's network and that stage-1 peers are running; the checkpoint (if any) "
+                  f"and summary are saved", file=sys.stderr)
             return 1
         return 0  # finished, or stopped by a signal (the summary says which)
     finally:

@@ -35,6 +35,7 @@ from swarm_peer.validation import (RequestShape, validate_hidden_request, valida
 
 log = logging.getLogger("swarm_peer")
 MAX_HOP_ATTEMPTS = 50  # per microbatch per hop; bounded so nothing retries forever
+RECOVERY_TRIES = 5  # state downloads before a peer goes on with its own state (backoff 1, 2, 4, 8 s between)
 
 
 def config_summary(cfg: Config, stage: int) -> str:
@@ -77,6 +78,7 @@ class StageWorker:
         self.upstream_online = 0
         self.upstream_ended = False  # the previous stage's records say it is done (idle/finished/offline)
         self.upstream_seen_at = time.monotonic()  # last time any record of the previous stage was visible
+        self.downstream_seen_at = time.monotonic()  # last time a usable next-stage peer was visible
         self.stats = defaultdict(int)
         self.loss_curve: list[list[float]] = []  # [inner step, mean loss of the microbatches of that step]
         self._step_losses: list[float] = []
@@ -112,7 +114,10 @@ class StageWorker:
         while self.state in ("online", "idle"):
             if not self.spec.is_last:
                 peers = await self._in_thread(read_stage_records, self.dht, self.run_id, self.stage + 1)
-                self.router.update([self._candidate(p.record) for p in peers if self._usable(p.record)])
+                live = [self._candidate(p.record) for p in peers if self._usable(p.record)]
+                self.router.update(live)
+                if live:
+                    self.downstream_seen_at = time.monotonic()
             if not self.spec.is_first:
                 peers = await self._in_thread(read_stage_records, self.dht, self.run_id, self.stage - 1)
                 self.upstream_online = sum(p.record.state == "online" for p in peers)
@@ -146,8 +151,11 @@ class StageWorker:
         # wait for it in rounds until its record expires (swarm.record_ttl), which would stall the stage that long
         sw = self.cfg.swarm
         stale_after = min(max(4 * sw.announce_period, 6.0), sw.record_ttl)
-        fresh = [p.record for p in peers if get_dht_time() - (p.expires_at - sw.record_ttl) <= stale_after]
+        now = get_dht_time()
+        fresh = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) <= stale_after]
+        stale = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) > stale_after]
         self.sync.others = stage_peers(self.peer_id, fresh, self.fingerprint)
+        self.sync.silent = stage_peers(self.peer_id, stale, self.fingerprint)
         return self.sync.others
 
     async def _publish_now(self) -> None:
@@ -203,6 +211,27 @@ class StageWorker:
             await asyncio.sleep(0.5)
             await self._in_thread(self._refresh_stage)
 
+    async def _recover(self, behind: bool) -> bool:
+        """Download the stage's state (we are behind it, or our weights disagree with its majority), retrying with
+        backoff while donors fail or none is visible; then go on with this peer's own state, not voting
+        (round_ok false), rather than never step again."""
+        reason = "behind the stage" if behind else "weights disagree"
+        for attempt in range(RECOVERY_TRIES):
+            donors = self.sync.donors() or (self.sync.top_peers() if behind else [])
+            if not donors and not behind:
+                return True  # the disagreement resolved itself (e.g. the majority moved to our hash)
+            if donors and await self.sync.recover(donors, reason):
+                return True
+            if self.stop_event.is_set():
+                return False
+            await asyncio.sleep(min(2.0 ** attempt, 8.0))
+            await self._in_thread(self._refresh_stage)
+        log.warning(f"stage {self.stage}: no stage peer could serve the stage state ({reason}) after "
+                    f"{RECOVERY_TRIES} tries; continuing on this peer's own weights, not voting until a round agrees")
+        self.sync.progress.round_ok = False
+        await self._publish_now()
+        return False
+
     async def save_checkpoint(self, reason: str) -> None:
         """Atomic checkpoint of this peer's state (captured on the compute thread, written in another)."""
         from swarm_peer.checkpoint import capture, checkpoint_path, write_atomic
@@ -236,6 +265,8 @@ class StageWorker:
             if self.stop_event.is_set():
                 raise RuntimeError("peer is shutting down")
             peer = self.router.choose()
+            if peer is None and time.monotonic() - self.downstream_seen_at > self.cfg.swarm.upstream_timeout:
+                raise RuntimeError(f"no stage {self.stage + 1} peer visible for swarm.upstream_timeout")
             if peer is None:
                 now = time.monotonic()
                 if now - self._last_wait_log > 10:
@@ -329,6 +360,9 @@ class StageWorker:
         """Stage 0: send the held-out microbatches through the pipeline without gradients; mean validation loss."""
         losses = []
         for i, mb in enumerate(self.val_batches):
+            if self.spec.is_last:  # a single stage evaluates on its own
+                losses.append(await self.compute.run(FORWARD, lambda: self.trainer.evaluate_last(mb.input_ids, mb.labels)))
+                continue
             out = await self.compute.run(FORWARD, lambda: self.trainer.forward_no_grad(mb.input_ids))
             meta = {"mb": f"{self.peer_id[-12:]}:eval{i}", "n": mb.input_ids.shape[0], "eval": True}
             try:
@@ -385,10 +419,9 @@ class StageWorker:
             waiters, self._sync_waiters = self._sync_waiters, []
             if self.sync.mode == "diloco" and (self.sync.due() or (waiters and self.sync.unmerged_work())):
                 await self._round()
-            donors = self.sync.donors()
-            if donors or self._recover_wanted:
-                self._recover_wanted = not await self.sync.recover(
-                    donors or self.sync.top_peers(), "behind the stage" if self._recover_wanted else "weights disagree")
+            if self.sync.donors() or self._recover_wanted:
+                await self._recover(behind=self._recover_wanted)
+                self._recover_wanted = False
             if self.checkpoint_dir and time.monotonic() - self._last_checkpoint >= self.cfg.run.checkpoint_interval:
                 await self.save_checkpoint("periodic")
             for future in waiters:
@@ -403,10 +436,15 @@ class StageWorker:
         ticket = self.trainer.ticket(f"{self.peer_id[-12:]}:{index}", samples)
         ok = False
         try:
-            pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(mb.input_ids))
-            meta = {"mb": ticket.mb, "n": samples}
-            reply, (grad_out,) = await self.send_downstream(meta, pending.outputs, mb.labels)
-            await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out, ticket))
+            if self.spec.is_last:  # a single-stage swarm: data-parallel training (DiLoCo between the peers)
+                _, loss = await self.compute.run(BACKWARD, lambda: self.trainer.forward_backward_last(
+                    mb.input_ids, mb.labels, ticket))
+                reply = {"loss": loss}
+            else:
+                pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(mb.input_ids))
+                meta = {"mb": ticket.mb, "n": samples}
+                reply, (grad_out,) = await self.send_downstream(meta, pending.outputs, mb.labels)
+                await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out, ticket))
             if isinstance(reply.get("loss"), float) and math.isfinite(reply["loss"]):
                 self._step_losses.append(reply["loss"])
                 if self.spec.num_stages == 1:
@@ -427,6 +465,12 @@ class StageWorker:
         sem = asyncio.Semaphore(self.cfg.swarm.max_inflight)
         index, tasks = 0, set()
         while self.trainer.inner_step < max_steps and not self.stop_event.is_set():
+            silent = time.monotonic() - self.downstream_seen_at
+            if not self.spec.is_last and silent > self.cfg.swarm.upstream_timeout:  # mirrors the later stages' wait for a vanished upstream
+                log.warning(f"stage 0: no usable peer of stage 1 visible for {silent:.0f}s (network cut, or that "
+                            f"stage is gone); leaving")
+                self.stats["downstream_lost"] = 1
+                break
             await sem.acquire()
             await self.window.admit(self.cfg.data.microbatch_size)
             if self.trainer.inner_step >= max_steps:  # the window that just closed was the last one
@@ -487,7 +531,8 @@ class StageWorker:
             if self.spec.is_first:
                 evaluating = asyncio.create_task(self.eval_loop(max_steps))
                 await self.drive(max_steps)
-                if not self.stop_event.is_set():  # the last evaluation (at max_steps) may still be running
+                if not self.stop_event.is_set() and not self.stats["downstream_lost"]:  # the last evaluation (at
+                    # max_steps) may still be running
                     await asyncio.wait([evaluating], timeout=max(60.0, 2 * self.cfg.swarm.request_timeout))
                 evaluating.cancel()
             else:
@@ -520,7 +565,8 @@ class StageWorker:
             "inner_steps": self.trainer.inner_step, "samples": self.trainer.samples_stepped, "tokens": tokens,
             "microbatches": self.stats["microbatches"], "lost_microbatches": self.stats["lost_microbatches"],
             "retries": self.stats["retries"], "busy_replies": self.stats["busy_replies"],
-            "upstream_lost": bool(self.stats["upstream_lost"]), "memory": memory_report(self),
+            "upstream_lost": bool(self.stats["upstream_lost"]),
+            "downstream_lost": bool(self.stats["downstream_lost"]), "memory": memory_report(self),
             "abandoned_backwards": self.trainer.abandoned, "ledger": self.trainer.ledger,
             "loss_curve": self.loss_curve, "tokens_per_s": tokens / max(wall, 1e-6), "wall_time_s": wall,
             "compute_time_s": self.trainer.compute_seconds,

@@ -127,6 +127,7 @@ class StageSync:
         self.outer = OuterOptimizer(trainer.params, cfg.optim.outer) if self.mode == "diloco" else None
         self.progress = Progress(global_hash=self._state_hash())
         self.others: list[StageRecord] = []
+        self.silent: list[StageRecord] = []  # stage peers whose records stopped being refreshed (gone, or just slow)
         self.training = True  # False once this peer is done training (it still takes part in rounds)
         self.rounds: list[dict] = []
         self.recoveries: list[dict] = []
@@ -209,7 +210,12 @@ class StageSync:
                 return None, "behind"
             joinable = [o for o in others if o.round in (r - 1, r)]  # r - 1: about to publish round r
             if not joinable:
-                return None, "alone"  # laggards further back recover from us instead
+                # laggards further back recover from us instead. But a stage mate in this round whose record merely
+                # went quiet (an overloaded host, a slow DHT) may be averaging with others right now: a lone step
+                # then must not vote, or the round would end on two "agreed" hashes
+                if any(o.round >= r - 1 for o in self.silent):
+                    return None, "alone (stage peers in this round unreachable)"
+                return None, "alone"
             with self.averager.get_tensors() as tensors:
                 for t, mine in zip(tensors, self.own):
                     t.copy_(mine)
@@ -263,13 +269,29 @@ class StageSync:
             if not group_ok:
                 log.warning(f"stage round {r}: groupmates started from other weights; this peer's result won't vote")
 
+        def read_average():
+            # an executor thread waits for the averager's lock (held while a timed-out attempt still runs in the
+            # averager process), never the compute thread: training and serving go on meanwhile
+            with self.averager.get_tensors() as tensors:
+                for mine, t in zip(self.own, tensors):
+                    mine.copy_(t)
+
+        def own_update():  # local weights and p.grad are unchanged during a round (the window is closed)
+            if self.outer:
+                self.outer.pseudo_gradient(self.trainer.params, out=self.own)
+            else:
+                self.trainer.mean_gradients(completed_samples, self.own)
+
+        if averaged:
+            await loop.run_in_executor(None, read_average)
+
         def apply():
             nonlocal averaged
-            with self.averager.get_tensors() as tensors:
-                delta = [t.clone() for t in tensors] if averaged else [t.clone() for t in self.own]
+            delta = self.own  # the average, or this peer's own update
             if averaged and not all(torch.isfinite(d).all() for d in delta):  # e.g. every groupmate had weight 0
                 log.warning(f"stage round {r}: the average is not finite; applying this peer's own update")
-                delta, averaged = [t.clone() for t in self.own], False
+                own_update()
+                averaged = False
             norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta))
             if self.outer:
                 self.outer.step(delta)

@@ -129,7 +129,10 @@ def test_churn_soak_two_stages_by_three_peers(swarm_factory):
     for stage, by_round in rounds.items():
         assert len(by_round) >= 5, by_round
         for r, hashes in by_round.items():
-            assert len(hashes) == 1, (stage, r, hashes)
+            # on failure: every peer's line for that round (outcome, group size) tells how the split happened
+            lines = [f"{n}: {line}" for n in names if int(n[1]) == stage for line in swarm.log(n).splitlines()
+                     if f"round {r} -> " in line or f"stage round {r}:" in line]
+            assert len(hashes) == 1, (stage, r, hashes, lines)
     # replacements caught up (downloaded the stage state) and served
     replacements = [n for n in final if int(n[3:]) >= 3]
     assert replacements

@@ -114,3 +114,81 @@ def test_bad_sources_fail_clearly(tmp_path, cache_dir):
         load_corpus(_cfg(cache_dir, f"data.source={tmp_path / 'x.jsonl'}"))
     with pytest.raises(ConfigError, match="vocab_size"):
         load_corpus(_cfg(cache_dir, "model.vocab_size=100"))
+
+
+# ------------------------------------------------------------------ model.vocab_size follows the tokenizer
+def make_gpt2_tokenizer(directory, vocab_size: int = 400) -> int:
+    """A small GPT-2-style tokenizer (byte-level BPE, `<|endoftext|>`) saved with transformers' save_pretrained,
+    trained offline on a few strings; returns len(tokenizer), what HFTokenizer reports as its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([open(json.__file__).read(), open(os.__file__).read()], trainer)
+    fast = GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                             unk_token="<|endoftext|>")
+    fast.save_pretrained(str(directory))
+    return len(fast)
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gpt2_tokenizer")
+    size = make_gpt2_tokenizer(directory)
+    assert size > 257  # bigger than the bytes tokenizer, like GPT-2's 50257
+    return str(directory), size
+
+
+def test_vocab_size_follows_a_transformers_tokenizer(gpt2_tokenizer, cache_dir):
+    from swarm_peer.model import build_stage, stage_fingerprint
+
+    directory, size = gpt2_tokenizer
+    cfg = _cfg(cache_dir, f"data.tokenizer={directory}", "data.max_tokens=30000")
+    assert cfg.model.vocab_size == size  # resolved when the config loads, on every stage, not only stage 0
+    corpus = load_corpus(cfg)  # no "model.vocab_size 257 is smaller than the tokenizer's ..."
+    assert corpus.vocab_size == size and corpus.train.max() < size and corpus.train.max() > 256
+    last = build_stage(cfg, cfg.swarm.num_stages - 1)
+    assert last.lm_head.out_features == size == build_stage(cfg, 0).embed_tokens.num_embeddings
+    # every peer that loads the same config agrees on the fingerprint, and it differs from the bytes model's
+    again = load_config(None, [f"data.tokenizer={directory}"])
+    assert stage_fingerprint(again, 1) == stage_fingerprint(cfg, 1) != stage_fingerprint(load_config(None), 1)
+
+
+def test_explicit_vocab_size_is_kept_or_fails_clearly(gpt2_tokenizer, tmp_path):
+    directory, size = gpt2_tokenizer
+    assert load_config(None, [f"data.tokenizer={directory}", f"model.vocab_size={size + 100}"]).model.vocab_size \
+        == size + 100
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"data.tokenizer={directory}", "model.vocab_size=300"])
+    assert f"model.vocab_size 300 is smaller than the tokenizer's {size}" in str(e.value)
+    assert "\n" not in str(e.value)
+    # the same for a value written in the YAML file
+    path = tmp_path / "explicit.yaml"
+    path.write_text(f"model:\n  vocab_size: 257\ndata:\n  tokenizer: {directory}\n")
+    with pytest.raises(ConfigError, match=f"model.vocab_size 257 is smaller than the tokenizer's {size}"):
+        load_config(path)
+
+
+def test_unloadable_tokenizer_fails_at_config_load(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for name in (str(tmp_path / "empty"), str(tmp_path / "missing")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"data.tokenizer={name}"])
+        assert str(e.value).startswith("data.tokenizer:") and "\n" not in str(e.value)
+
+
+def test_baseline_runs_with_a_transformers_tokenizer(gpt2_tokenizer, tmp_path):
+    directory, size = gpt2_tokenizer
+    summary = tmp_path / "s.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    proc = subprocess.run(
+        [PYTHON, "-m", "swarm_peer.baseline", "--set", f"data.tokenizer={directory}", "--max-steps", "2",
+         "--set", "model.hidden_size=64", "--set", "model.num_heads=4", "--set", "model.num_layers=2",
+         "--set", "data.max_tokens=30000", "--set", "run.eval_batches=2", "--set", f"data.cache_dir={tmp_path}",
+         "--summary-json", str(summary)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(summary.read_text())["config"]["model"]["vocab_size"] == size

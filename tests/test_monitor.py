@@ -8,10 +8,11 @@ from swarm_peer.status import stage_report
 H1, H2 = "1111111111111111", "2222222222222222"
 
 
-def rec(peer, stage, window, loss_sum=0.0, count=0, state="online", rnd=3, h=H1, samples=0, tps=0.0, eval_loss=None):
+def rec(peer, stage, window, loss_sum=0.0, count=0, state="online", rnd=3, h=H1, samples=0, tps=0.0, eval_loss=None,
+        eval_step=0):
     return MetricRecord(peer_id=peer, stage=stage, state=state, window=window, period=10.0, round=rnd, inner_step=5,
                         samples=samples, tokens=samples * 128, loss_sum=loss_sum, loss_count=count,
-                        eval_loss=eval_loss, eval_step=0, tokens_per_s=tps, queue=0, inflight=0, sync_seconds=1.5,
+                        eval_loss=eval_loss, eval_step=eval_step, tokens_per_s=tps, queue=0, inflight=0, sync_seconds=1.5,
                         bytes_sent=10, bytes_received=10, global_hash=h, round_ok=True)
 
 
@@ -57,3 +58,14 @@ def test_status_report_warns_about_empty_lone_and_drifting():
     assert "no live peer" in warnings[0]
     _, warnings = stage_report(0, peers[:1], ttl=20.0, now=110.0)
     assert "lone peer" in warnings[0]
+
+
+def test_an_evaluation_is_logged_once_not_again_in_later_windows():
+    now, seen = 1000.0, {}
+    first = aggregate([(rec("a", 0, 7, eval_loss=2.0, eval_step=10), now + 20)], 7, 2, now, seen)
+    assert first["eval_loss"] == 2.0 and first["eval_step"] == 10
+    again = aggregate([(rec("a", 0, 8, eval_loss=2.0, eval_step=10), now + 20)], 8, 2, now, seen)
+    assert "eval_loss" not in again  # the same evaluation, still carried by the peer's record
+    newer = aggregate([(rec("a", 0, 9, eval_loss=1.5, eval_step=20), now + 20),
+                       (rec("b", 0, 9, eval_loss=2.5, eval_step=20), now + 20)], 9, 2, now, seen)
+    assert newer["eval_loss"] == 2.0 and newer["eval_step"] == 20

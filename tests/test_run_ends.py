@@ -1,0 +1,49 @@
+"""Every peer keeps going or ends clearly: a single-stage swarm (data-parallel DiLoCo) trains and ends, and a stage-0
+peer whose next stage vanishes for good leaves with one clear line and exit 1 instead of waiting for ever."""
+import re
+import time
+
+import pytest
+from hivemind import DHT
+
+from swarm_peer.records import make_validators
+
+pytestmark = pytest.mark.slow
+
+
+def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
+    swarm = swarm_factory("onestage", ["swarm.num_stages=1", "swarm.sync_every=2", "run.eval_interval=40"])
+    boot = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators("onestage", 1))
+    try:
+        swarm.bootstrap = str(boot.get_visible_maddrs()[0])  # both peers start together (the monitor's role)
+        for name in ("a", "b"):
+            swarm.start(name, 0, "--max-steps", "80")
+        for name in ("a", "b"):
+            assert swarm.wait_exit(name, 240) == 0, swarm.log(name)[-3000:]
+    finally:
+        boot.shutdown()
+    a, b = swarm.summary("a"), swarm.summary("b")
+    for s in (a, b):
+        assert s["inner_steps"] == 80 and s["loss_curve"] and s["eval_curve"], s
+    assert any(r["group_size"] == 2 for r in a["sync"]["rounds"]), a["sync"]["rounds"]  # averaged with its mate
+    assert a["sync"]["global_hash"] == b["sync"]["global_hash"]  # one global model at the end
+
+
+def test_stage0_leaves_when_its_next_stage_is_gone_for_good(swarm_factory):
+    swarm = swarm_factory("nodownstream", ["swarm.num_stages=2", "swarm.sync_mode=none", "swarm.upstream_timeout=8",
+                                           "swarm.request_timeout=3"])
+    swarm.start("s1", 1)
+    swarm.wait_ready("s1")
+    swarm.start("s0", 0, "--max-steps", "100000")
+    deadline = time.monotonic() + 120
+    while not re.search(r"\] step [1-9]\d* \|", swarm.log("s0")):  # it trains: stage 1 was there
+        assert time.monotonic() < deadline and swarm.procs["s0"].poll() is None, swarm.log("s0")[-3000:]
+        time.sleep(0.3)
+    swarm.kill("s1")  # the whole stage is gone, without a word
+    t0 = time.monotonic()
+    code = swarm.wait_exit("s0", 90)
+    waited = time.monotonic() - t0
+    assert code == 1, swarm.log("s0")[-3000:]
+    assert "no peer of stage 1 was visible for swarm.upstream_timeout" in swarm.log("s0")
+    assert swarm.summary("s0")["downstream_lost"] is True
+    print(f"\nstage 0 left {waited:.1f} s after its next stage vanished (swarm.upstream_timeout=8)")
