@@ -289,5 +289,19 @@ def stage_fingerprint(cfg: Config, stage: int) -> str:
     return hashlib.sha256(f"{base}/{spec.start}-{spec.end}".encode()).hexdigest()[:16]
 
 
+# What replicas of one stage must share to be averaged (besides the stage's model, `stage_fingerprint`): a peer in
+# another sync mode, with other optimizer settings, batch, seed, data or averaging codec is never averaged with.
+MATES_SETTINGS = ("swarm.sync_mode", "swarm.sync_every", "swarm.sync_samples", "swarm.compression.averaging",
+                  "optim", "data.source", "data.hub_config", "data.hub_split", "data.text_field", "data.max_tokens",
+                  "data.val_fraction", "data.split_seed", "data.batch_size", "data.microbatch_size", "run.seed",
+                  "run.max_steps")
+
+
+def mates_fingerprint(cfg: Config, stage: int) -> str:
+    """What peers of the same stage must agree on to average (sync.stage_peers)."""
+    base = cfg.fingerprint(*MATES_SETTINGS)
+    return hashlib.sha256(f"{stage_fingerprint(cfg, stage)}/{base}".encode()).hexdigest()[:16]
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -30,7 +30,8 @@ STATES = ("online", "idle", "finished", "offline")  # idle: done training, still
 class StageRecord(pydantic.BaseModel):
     peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
     stage: pydantic.conint(strict=True, ge=0, le=1024)
-    fingerprint: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")
+    fingerprint: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")  # the stage's model: neighbours must match
+    mates_fingerprint: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")  # + settings stage mates must share
     config_summary: pydantic.constr(strict=True, max_length=200)  # human-readable, to name a mismatch
     state: pydantic.constr(strict=True, regex="^(online|idle|finished|offline)$")
     client_mode: pydantic.StrictBool

@@ -24,10 +24,10 @@ from hivemind.utils import get_dht_time
 from swarm_peer.compute import BACKWARD, FORWARD, STEP, ComputeThread, GradientWindow, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.data import Microbatch, ShardSampler
-from swarm_peer.model import stage_fingerprint, stage_spec
+from swarm_peer.model import mates_fingerprint, stage_fingerprint, stage_spec
 from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
-from swarm_peer.sync import StageSync, format_round, stage_peers
+from swarm_peer.sync import StageSync, format_round, mismatched_mates, stage_peers
 from swarm_peer.telemetry import PeerTelemetry, memory_report
 from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
 from swarm_peer.validation import (RequestShape, validate_hidden_request, validate_sample_position,
@@ -59,6 +59,7 @@ class StageWorker:
         self.client_mode = client_mode
         self.peer_id = str(dht.peer_id)
         self.fingerprint = stage_fingerprint(cfg, stage)
+        self.mates_fingerprint = mates_fingerprint(cfg, stage)
         self.next_fingerprint = stage_fingerprint(cfg, stage + 1) if not self.spec.is_last else None
         self.announcer = Announcer(dht, run_id, subkey, cfg.swarm.record_ttl)
         self.router = Router(cfg.data.microbatch_size, max_timeout=cfg.swarm.request_timeout)
@@ -89,7 +90,7 @@ class StageWorker:
     def record(self) -> StageRecord:
         w = self.window
         return StageRecord(
-            peer_id=self.peer_id, stage=self.stage, fingerprint=self.fingerprint,
+            peer_id=self.peer_id, stage=self.stage, fingerprint=self.fingerprint, mates_fingerprint=self.mates_fingerprint,
             config_summary=config_summary(self.cfg, self.stage), state=self.state, client_mode=self.client_mode,
             queue=(w.waiting if w else 0) + self.compute.pending(), inflight=w.pending if w else 0,
             max_inflight=self.cfg.swarm.max_inflight, throughput=float(self.trainer.throughput),
@@ -154,8 +155,14 @@ class StageWorker:
         now = get_dht_time()
         fresh = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) <= stale_after]
         stale = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) > stale_after]
-        self.sync.others = stage_peers(self.peer_id, fresh, self.fingerprint)
-        self.sync.silent = stage_peers(self.peer_id, stale, self.fingerprint)
+        self.sync.others = stage_peers(self.peer_id, fresh, self.mates_fingerprint)
+        self.sync.silent = stage_peers(self.peer_id, stale, self.mates_fingerprint)
+        for rec in mismatched_mates(self.peer_id, fresh, self.fingerprint, self.mates_fingerprint):
+            if rec.peer_id not in self.warned_peers:
+                self.warned_peers.add(rec.peer_id)
+                log.warning(f"ignoring stage {self.stage} peer {rec.peer_id[-8:]} in rounds: its training settings "
+                            f"differ from ours (sync mode, optimizer, batch, seed, data or averaging codec; "
+                            f"model.MATES_SETTINGS): it is never averaged with")
         return self.sync.others
 
     async def _publish_now(self) -> None:

@@ -55,9 +55,17 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------------- pure decisions
-def stage_peers(me: str, records: list[StageRecord], fingerprint: str) -> list[StageRecord]:
-    """The stage's other peers that take part in rounds: training (online) or done training but syncing (idle)."""
-    return [r for r in records if r.peer_id != me and r.state in ("online", "idle") and r.fingerprint == fingerprint]
+def stage_peers(me: str, records: list[StageRecord], mates_fingerprint: str) -> list[StageRecord]:
+    """The stage's other peers that take part in rounds: training (online) or done training but syncing (idle), with
+    the settings stage mates must share (model.mates_fingerprint)."""
+    return [r for r in records
+            if r.peer_id != me and r.state in ("online", "idle") and r.mates_fingerprint == mates_fingerprint]
+
+
+def mismatched_mates(me: str, records: list[StageRecord], fingerprint: str, mates_fingerprint: str) -> list[StageRecord]:
+    """Live stage peers running the same model with other training settings: never averaged, named in a warning."""
+    return [r for r in records if r.peer_id != me and r.state in ("online", "idle") and r.fingerprint == fingerprint
+            and r.mates_fingerprint != mates_fingerprint]
 
 
 def round_due(me: Progress, others: list[StageRecord], every: int, samples_target: int | None,

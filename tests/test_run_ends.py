@@ -1,4 +1,5 @@
-"""Every peer keeps going or ends clearly: a single-stage swarm (data-parallel DiLoCo) trains and ends, and a stage-0
+"""Every peer keeps going or ends clearly: a single-stage swarm (data-parallel DiLoCo) trains and ends (a stage mate
+with other training settings is never averaged with), and a stage-0
 peer whose next stage vanishes for good leaves with one clear line and exit 1 instead of waiting for ever."""
 import re
 import time
@@ -18,7 +19,9 @@ def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
         swarm.bootstrap = str(boot.get_visible_maddrs()[0])  # both peers start together (the monitor's role)
         for name in ("a", "b"):
             swarm.start(name, 0, "--max-steps", "80")
-        for name in ("a", "b"):
+        # a stage mate in another sync mode (same model): named in a warning, never averaged with
+        swarm.start("c", 0, "--max-steps", "80", "--set", "swarm.sync_mode=sync")
+        for name in ("a", "b", "c"):
             assert swarm.wait_exit(name, 240) == 0, swarm.log(name)[-3000:]
     finally:
         boot.shutdown()
@@ -27,6 +30,10 @@ def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
         assert s["inner_steps"] == 80 and s["loss_curve"] and s["eval_curve"], s
     assert any(r["group_size"] == 2 for r in a["sync"]["rounds"]), a["sync"]["rounds"]  # averaged with its mate
     assert a["sync"]["global_hash"] == b["sync"]["global_hash"]  # one global model at the end
+    assert all(r["group_size"] <= 2 for s in (a, b) for r in s["sync"]["rounds"])  # never with c
+    assert all(r["group_size"] == 1 for r in swarm.summary("c")["sync"]["rounds"])
+    for name in ("a", "b"):
+        assert "in rounds: its training settings differ from ours" in swarm.log(name), swarm.log(name)[-2000:]
 
 
 def test_stage0_leaves_when_its_next_stage_is_gone_for_good(swarm_factory):

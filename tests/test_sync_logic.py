@@ -1,13 +1,14 @@
 """The pure decisions of sync.py: when a round is due, which hash is the stage's, whom to download from."""
 from swarm_peer.records import StageRecord
 from swarm_peer.routing import Candidate, Router
-from swarm_peer.sync import Progress, choose_donors, majority_hash, round_bits, round_due, stage_peers
+from swarm_peer.sync import Progress, choose_donors, majority_hash, mismatched_mates, round_bits, round_due, stage_peers
 
 H1, H2, H3 = "1111111111111111", "2222222222222222", "3333333333333333"
 
 
-def rec(peer_id, round=0, steps=0, samples=0, syncing=False, hash=H1, ok=True, state="online", fp="0123456789abcdef"):
-    return StageRecord(peer_id=peer_id, stage=1, fingerprint=fp, config_summary="t", state=state, client_mode=False,
+def rec(peer_id, round=0, steps=0, samples=0, syncing=False, hash=H1, ok=True, state="online", fp="0123456789abcdef",
+        mates="0123456789abcdef"):
+    return StageRecord(peer_id=peer_id, stage=1, fingerprint=fp, mates_fingerprint=mates, config_summary="t", state=state, client_mode=False,
                        queue=0, inflight=0, max_inflight=4, throughput=1.0, inner_step=0, samples=0, round=round,
                        round_steps=steps, round_samples=samples, syncing=syncing, global_hash=hash, round_ok=ok,
                        address="")
@@ -58,8 +59,10 @@ def test_choose_donors():
 
 
 def test_stage_peers_filters_self_offline_and_other_configs():
-    recs = [rec("me"), rec("a"), rec("b", state="finished"), rec("c", fp="ffffffffffffffff")]
+    recs = [rec("me"), rec("a"), rec("b", state="finished"), rec("c", fp="ffffffffffffffff", mates="ffffffffffffffff"),
+            rec("d", mates="eeeeeeeeeeeeeeee")]  # d: the same model, other training settings (e.g. sync mode)
     assert [r.peer_id for r in stage_peers("me", recs, "0123456789abcdef")] == ["a"]
+    assert [r.peer_id for r in mismatched_mates("me", recs, "0123456789abcdef", "0123456789abcdef")] == ["d"]
     assert round_bits(3) == "0000000000000011" and round_bits(65536 + 3) == round_bits(3)
 
 
@@ -69,3 +72,16 @@ def test_router_avoids_syncing_peers_unless_all_are():
     assert {router.choose() for _ in range(50)} == {"b"}
     router.update([Candidate("a", throughput=10, syncing=True)])
     assert router.choose() == "a"
+
+
+def test_stage_mates_must_share_sync_mode_optimizer_batch_seed_data_and_codec():
+    from swarm_peer.config import load_config
+    from swarm_peer.model import mates_fingerprint, stage_fingerprint
+
+    base = load_config(None, [])
+    for change in ["swarm.sync_mode=sync", "optim.inner.lr=1e-2", "optim.outer.momentum=0.5", "data.batch_size=32",
+                   "run.seed=7", "data.source=/tmp/other.txt", "swarm.compression.averaging=8bit", "swarm.sync_every=3"]:
+        other = load_config(None, [change])
+        assert mates_fingerprint(other, 1) != mates_fingerprint(base, 1), change
+        assert stage_fingerprint(other, 1) == stage_fingerprint(base, 1), change  # neighbours still pipeline
+    assert mates_fingerprint(load_config(None, ["run.device=cpu"]), 1) == mates_fingerprint(base, 1)
