@@ -1,7 +1,7 @@
 """Checkpoints of one stage peer: periodic, atomic, verified.
 
 File `{dir}/stage{i}.ckpt` = MAGIC + sha256(payload) + payload, payload = torch.save of the peer's state: local
-weights, inner AdamW + schedule, outer optimizer (global weights, momentum), round progress, data position, RNG.
+weights, inner AdamW + run clock (the lr schedule's position), outer optimizer (global weights, momentum), round progress, data position, RNG.
 Written to a temporary file in the same directory, fsynced, then renamed over the old one (and the directory
 fsynced), so a crash leaves either the old or the new checkpoint, never half of one. A file whose hash does not match
 (corrupt or truncated) raises CheckpointError: it is reported, never loaded silently.
@@ -66,7 +66,7 @@ def capture(worker) -> dict:
     return {
         "stage": worker.stage, "fingerprint": worker.fingerprint, "mode": sync.mode,
         "model": {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()},
-        "inner_opt": t.opt.state_dict(), "sched": t.sched.state_dict(), "inner_step": t.inner_step,
+        "inner_opt": t.opt.state_dict(), "clock": t.clock, "inner_step": t.inner_step,
         "samples_stepped": t.samples_stepped, "outer": sync.outer.state_dict() if sync.outer else None,
         "progress": dataclasses.asdict(sync.progress),
         "sampler": worker.sampler.state() if worker.sampler is not None else None,
@@ -86,8 +86,8 @@ def restore(worker, state: dict) -> None:
     t = worker.trainer
     t.model.load_state_dict(state["model"])
     t.opt.load_state_dict(state["inner_opt"])
-    t.sched.load_state_dict(state["sched"])
     t.inner_step, t.samples_stepped = int(state["inner_step"]), int(state["samples_stepped"])
+    t.clock = int(state.get("clock", t.inner_step))  # checkpoints before the run clock: the peer's own steps
     if worker.sync.outer is not None and state.get("outer") is not None:
         worker.sync.outer.load_state_dict(state["outer"])
     worker.sync.progress = Progress(**{**state["progress"], "syncing": False})

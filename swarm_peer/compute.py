@@ -13,6 +13,11 @@ Training semantics (why the numbers are exact):
   the caller: a request abandoned by its caller (a hop timeout cancels the handler) has its queued backward skipped
   (`Ticket.abandoned`), one already running is counted, and a backward of an earlier window never runs into a
   later one (`Ticket.window`). So every step's gradient is exactly the sum over the microbatches it counts.
+- The learning-rate schedule runs on the run's clock, not on each peer's step count (`StageTrainer.clock`): stage 0
+  advances it by one per inner step; every microbatch carries the clock of the stage-0 step that drew it, and a later
+  stage steps at the median clock of the microbatches it summed. So a later stage that takes more (or fewer) inner
+  steps than stage 0 follows stage 0's warmup and cosine. Stage mates align their clocks at every averaged round
+  (median of the group's) and a joiner adopts its stage's, so peers of a stage use the same lr in the same round.
 - One compute thread executes all torch work in priority order: optimizer step, then backward, then forward (a
   backward frees memory and unblocks the sender; a forward only adds work).
 """
@@ -30,7 +35,7 @@ import torch
 
 from swarm_peer.config import Config
 from swarm_peer.model import StageModel, build_stage, stage_spec, weights_hash
-from swarm_peer.optim import build_inner_optimizer, clip_grad_norm
+from swarm_peer.optim import build_inner_optimizer, clip_grad_norm, scheduled_lr
 
 STEP, BACKWARD, FORWARD = 0, 1, 2
 LEDGER_STEPS = 256  # the summary lists which microbatches each of the last this-many inner steps summed
@@ -170,6 +175,7 @@ class Ticket:
     mb: str
     samples: int
     window: int
+    clock: int = -1  # the run clock of the stage-0 step that drew it (-1: unknown)
     abandoned: bool = False
 
 
@@ -190,14 +196,16 @@ class StageTrainer:
         self.model: StageModel = build_stage(cfg, stage).to(device)
         self.model.train()
         self.params = list(self.model.parameters())
-        self.opt, self.sched = build_inner_optimizer(self.params, cfg.optim.inner, cfg.run.max_steps)
+        self.opt, _ = build_inner_optimizer(self.params, cfg.optim.inner, cfg.run.max_steps)
         self.inner_step = 0
+        self.clock = 0  # the run's step this peer trains at (module docstring): what the lr schedule reads
         self.samples_stepped = 0
         self.window_id = 0  # bumped by every step: tickets of an earlier window never touch p.grad
         self.grad_samples = 0  # samples whose backward is in p.grad (compute thread only)
         self._grad_mbs: list[str] = []  # ... and their microbatch ids, in accumulation order
+        self._grad_clocks: list[int] = []  # ... and the run clocks they carry
         self.abandoned = 0  # backwards skipped because their caller had given up
-        self.ledger: list[list] = []  # [inner step, samples, [mb ids]] of the last LEDGER_STEPS steps
+        self.ledger: list[dict] = []  # what each of the last LEDGER_STEPS steps summed, at which lr, when
         self.compute_seconds = 0.0
         self.throughput = 0.0  # samples/s EMA of this peer's compute
 
@@ -217,8 +225,8 @@ class StageTrainer:
         self._account(x.shape[0], time.perf_counter() - t0)
         return Pending(x, out, t0)
 
-    def ticket(self, mb: str, samples: int) -> Ticket:
-        return Ticket(mb, samples, self.window_id)
+    def ticket(self, mb: str, samples: int, clock: int = -1) -> Ticket:
+        return Ticket(mb, samples, self.window_id, clock)
 
     def _check(self, ticket: Ticket) -> None:
         if ticket.abandoned or ticket.window != self.window_id:
@@ -228,6 +236,8 @@ class StageTrainer:
     def _counted(self, ticket: Ticket) -> None:
         self.grad_samples += ticket.samples
         self._grad_mbs.append(ticket.mb)
+        if ticket.clock >= 0:
+            self._grad_clocks.append(ticket.clock)
 
     def backward(self, pending: Pending, grad_out: torch.Tensor, ticket: Ticket) -> torch.Tensor | None:
         self._check(ticket)
@@ -280,14 +290,22 @@ class StageTrainer:
         """Drop what is in p.grad (its state was replaced, e.g. by a download): nothing of it may be stepped."""
         self.opt.zero_grad(set_to_none=True)
         self.window_id += 1
-        self.grad_samples, self._grad_mbs = 0, []
+        self.grad_samples, self._grad_mbs, self._grad_clocks = 0, [], []
 
-    def step(self, grads_are_mean: bool = False) -> int:
+    def position(self) -> int:
+        """The run clock the coming step trains at: stage 0's own; a later stage's follows the microbatches it summed
+        (their median, never backwards)."""
+        if self.spec.is_first or not self._grad_clocks:
+            return self.clock
+        return max(self.clock, sorted(self._grad_clocks)[(len(self._grad_clocks) - 1) // 2])
+
+    def step(self, grads_are_mean: bool = False, clock: int | None = None) -> int:
         """Inner AdamW step on the samples counted in p.grad (`grads_are_mean`: already the batch mean, as after a
-        sync-mode gradient average). Returns the samples stepped."""
+        sync-mode gradient average) at run clock `clock` (default: `position()`). Returns the samples stepped."""
         completed, mbs = self.grad_samples, self._grad_mbs
+        position = self.position() if clock is None else clock
         self.window_id += 1
-        self.grad_samples, self._grad_mbs = 0, []
+        self.grad_samples, self._grad_mbs, self._grad_clocks = 0, [], []
         if completed <= 0 and not grads_are_mean:
             self.opt.zero_grad(set_to_none=True)
             return 0
@@ -301,12 +319,17 @@ class StageTrainer:
                 self.opt.zero_grad(set_to_none=True)
                 raise ValueError("non-finite accumulated gradient; step skipped")
         clip_grad_norm(self.params, self.cfg.optim.inner.grad_clip)
+        lr = scheduled_lr(self.cfg.optim.inner, position, self.cfg.run.max_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         self.opt.step()
-        self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.inner_step += 1
+        self.clock = position + 1 if self.spec.is_first else position
         self.samples_stepped += completed
-        self.ledger = [*self.ledger[-(LEDGER_STEPS - 1):], [self.inner_step, completed, mbs]]
+        entry = {"step": self.inner_step, "samples": completed, "mbs": mbs, "clock": position, "lr": lr,
+                 "t": time.time()}
+        self.ledger = [*self.ledger[-(LEDGER_STEPS - 1):], entry]
         return completed
 
     @torch.no_grad()
@@ -336,7 +359,7 @@ class StageTrainer:
 
     @torch.no_grad()
     def load_inner_state(self, adam_steps: int, tensors: list[torch.Tensor], inner_step: int) -> None:
-        """Adopt another replica's AdamW moments, step count and schedule position (sync mode joiners)."""
+        """Adopt another replica's AdamW moments and step count (sync mode joiners)."""
         n = len(self.params)
         if len(tensors) != 2 * n or any(t.shape != p.shape for t, p in zip(tensors, [*self.params] * 2)):
             raise ValueError("downloaded optimizer state does not match this stage's parameters")
@@ -346,9 +369,6 @@ class StageTrainer:
                 self.opt.state[p] = {"step": torch.tensor(float(adam_steps)), "exp_avg": tensors[i].to(p.device).clone(),
                                      "exp_avg_sq": tensors[n + i].to(p.device).clone()}
         self.inner_step = inner_step
-        self.sched.last_epoch = inner_step
-        for group, lr in zip(self.opt.param_groups, [b * self.sched.lr_lambdas[0](inner_step) for b in self.sched.base_lrs]):
-            group["lr"] = lr
 
     def weights_hash(self) -> str:
         return weights_hash(self.model)

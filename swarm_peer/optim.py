@@ -22,6 +22,11 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def scheduled_lr(cfg: InnerOptimConfig, step: int, total: int) -> float:
+    """The inner lr at run step `step` (the same product LambdaLR computes, so swarm and baseline agree)."""
+    return cfg.lr * lr_factor(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
+
+
 def build_inner_optimizer(params: list[nn.Parameter], cfg: InnerOptimConfig, total_steps: int):
     """AdamW with decay on matrices only (biases, norms and nothing 1-D decay), plus its LambdaLR schedule."""
     decay = [p for p in params if p.ndim >= 2]

@@ -94,7 +94,7 @@ class StageWorker:
             config_summary=config_summary(self.cfg, self.stage), state=self.state, client_mode=self.client_mode,
             queue=(w.waiting if w else 0) + self.compute.pending(), inflight=w.pending if w else 0,
             max_inflight=self.cfg.swarm.max_inflight, throughput=float(self.trainer.throughput),
-            inner_step=self.trainer.inner_step, samples=self.trainer.samples_stepped,
+            inner_step=self.trainer.inner_step, samples=self.trainer.samples_stepped, clock=min(self.trainer.clock, 2**31),
             round=self.sync.progress.round, round_steps=self.sync.progress.round_steps,
             round_samples=self.sync.progress.round_samples, syncing=self.sync.progress.syncing,
             global_hash=self.sync.progress.global_hash, round_ok=self.sync.progress.round_ok, address=self.address)
@@ -330,7 +330,7 @@ class StageWorker:
         if meta.get("eval") or "sample" in meta:
             return await self._handle_eval(meta, hidden, labels)
         await self.window.admit(samples, rejectable=True)
-        ticket = self.trainer.ticket(str(meta.get("mb", ""))[:64], samples)
+        ticket = self.trainer.ticket(meta["mb"], samples, meta.get("clock", -1))
         ok = False
         try:
             if self.spec.is_last:
@@ -385,7 +385,7 @@ class StageWorker:
         """Stage 0: evaluate every `run.eval_interval` inner steps and at the last one."""
         every, done = self.cfg.run.eval_interval, -1
         while self.val_batches and self.state == "online" and not self.stop_event.is_set():
-            step = self.trainer.inner_step
+            step = self.trainer.clock  # the run's step (a joiner's first step is its stage's, not 0)
             if step != done and ((every and step % every == 0 and step > 0) or step >= max_steps):
                 done = step
                 loss = await self.evaluate()
@@ -403,6 +403,9 @@ class StageWorker:
         while True:
             await self.window.wait_full()
             completed = await self.compute.run(STEP, self.trainer.seal)  # exactly the samples in p.grad
+            if self.sync.clock_pending:  # joined (or recovered) meanwhile: step at the stage's run clock of now
+                await self._in_thread(self._refresh_stage)
+                self.sync.catch_up_clock()
             averaged = None
             if self.sync.mode == "sync" and (completed > 0 or self.sync.others):
                 self.window.close()  # queued requests get "busy" now instead of timing out during the round
@@ -410,7 +413,8 @@ class StageWorker:
                 self._recover_wanted |= averaged is None
             if averaged is not None or not self._recover_wanted:
                 try:
-                    await self.compute.run(STEP, lambda: self.trainer.step(grads_are_mean=averaged is not None))
+                    await self.compute.run(STEP, lambda: self.trainer.step(
+                        grads_are_mean=averaged is not None, clock=averaged["clock"] if averaged else None))
                 except ValueError as e:
                     log.warning(f"stage {self.stage}: {e}")
                 if completed > 0:
@@ -440,7 +444,7 @@ class StageWorker:
 
     async def _drive_one(self, index: int, mb: Microbatch, sem: asyncio.Semaphore) -> None:
         samples = mb.input_ids.shape[0]
-        ticket = self.trainer.ticket(f"{self.peer_id[-12:]}:{index}", samples)
+        ticket = self.trainer.ticket(f"{self.peer_id[-12:]}:{index}", samples, self.trainer.clock)
         ok = False
         try:
             if self.spec.is_last:  # a single-stage swarm: data-parallel training (DiLoCo between the peers)
@@ -449,7 +453,7 @@ class StageWorker:
                 reply = {"loss": loss}
             else:
                 pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(mb.input_ids))
-                meta = {"mb": ticket.mb, "n": samples}
+                meta = {"mb": ticket.mb, "n": samples, "clock": ticket.clock}
                 reply, (grad_out,) = await self.send_downstream(meta, pending.outputs, mb.labels)
                 await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out, ticket))
             if isinstance(reply.get("loss"), float) and math.isfinite(reply["loss"]):
@@ -468,10 +472,10 @@ class StageWorker:
             sem.release()
 
     async def drive(self, max_steps: int) -> None:
-        """Stage 0: feed microbatches until `max_steps` inner steps are done."""
+        """Stage 0: feed microbatches until the run clock reaches `max_steps` (a joiner ends with its stage)."""
         sem = asyncio.Semaphore(self.cfg.swarm.max_inflight)
         index, tasks = 0, set()
-        while self.trainer.inner_step < max_steps and not self.stop_event.is_set():
+        while self.trainer.clock < max_steps and not self.stop_event.is_set():
             silent = time.monotonic() - self.downstream_seen_at
             if not self.spec.is_last and silent > self.cfg.swarm.upstream_timeout:  # mirrors the later stages' wait for a vanished upstream
                 log.warning(f"stage 0: no usable peer of stage 1 visible for {silent:.0f}s (network cut, or that "
@@ -480,7 +484,7 @@ class StageWorker:
                 break
             await sem.acquire()
             await self.window.admit(self.cfg.data.microbatch_size)
-            if self.trainer.inner_step >= max_steps:  # the window that just closed was the last one
+            if self.trainer.clock >= max_steps:  # the window that just closed was the last one
                 self.window.finish()
                 sem.release()
                 break
@@ -569,7 +573,7 @@ class StageWorker:
         return {
             "kind": "peer", "stage": self.stage, "num_stages": self.spec.num_stages, "peer_id": self.peer_id,
             "layers": [self.spec.start, self.spec.end], "state": self.state,
-            "inner_steps": self.trainer.inner_step, "samples": self.trainer.samples_stepped, "tokens": tokens,
+            "inner_steps": self.trainer.inner_step, "clock": self.trainer.clock, "samples": self.trainer.samples_stepped, "tokens": tokens,
             "microbatches": self.stats["microbatches"], "lost_microbatches": self.stats["lost_microbatches"],
             "retries": self.stats["retries"], "busy_replies": self.stats["busy_replies"],
             "upstream_lost": bool(self.stats["upstream_lost"]),

@@ -109,6 +109,17 @@ def choose_donors(me_id: str, me: Progress, others: list[StageRecord]) -> list[s
     return sorted(r.peer_id for r in at_top if r.global_hash == best)
 
 
+def group_clock(gathered: dict, own: int, limit: int) -> int:
+    """The run clock a group continues from: the median of its members' (a stray or hostile value moves it by at
+    most one rank; an even group takes the middle two's mean, rounded up); `own` when no member sent a valid one."""
+    clocks = sorted(v["clock"] for v in gathered.values()
+                    if isinstance(v, dict) and type(v.get("clock")) is int and 0 <= v["clock"] <= limit)
+    if not clocks:
+        return own
+    mid = len(clocks) // 2
+    return clocks[mid] if len(clocks) % 2 else (clocks[mid - 1] + clocks[mid] + 1) // 2
+
+
 def format_round(m: dict) -> str:
     """One log line for a round's metrics."""
     norm = m.get("pseudo_grad_norm", m.get("grad_norm", 0.0))
@@ -140,6 +151,7 @@ class StageSync:
         self.rounds: list[dict] = []
         self.recoveries: list[dict] = []
         self.averager = None
+        self.clock_pending = False
         if self.mode != "none":
             sw = cfg.swarm
             self.buffers = [torch.zeros(p.shape, dtype=torch.float32) for p in trainer.params]
@@ -158,7 +170,7 @@ class StageSync:
 
     def _state_tensors(self) -> tuple[dict, list[torch.Tensor]]:
         meta = {"round": self.progress.round, "hash": self.progress.global_hash, "mode": self.mode,
-                "inner_step": self.trainer.inner_step}
+                "inner_step": self.trainer.inner_step, "clock": self.trainer.clock}
         if self.outer:
             return meta, self.outer.state_tensors()
         adam_steps, moments = self.trainer.inner_state_tensors()
@@ -174,7 +186,7 @@ class StageSync:
         return len(self.trainer.params) * (2 if self.outer else 3)
 
     @torch.no_grad()
-    def _apply_state(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+    def _apply_state(self, meta: dict, tensors: list[torch.Tensor], clock: int) -> None:
         n = len(self.trainer.params)
         if self.outer:
             self.outer.load_state_tensors(tensors)
@@ -184,9 +196,20 @@ class StageSync:
                 p.copy_(t.to(p.device, p.dtype))
             self.trainer.load_inner_state(int(meta.get("adam_steps", 0)), tensors[n:], int(meta.get("inner_step", 0)))
         self.trainer.discard_gradients()
+        self.trainer.clock = clock
+        self.clock_pending = True  # the stage trains on while this peer starts up: catch up at its first step
         self.progress = Progress(global_hash=self._state_hash(), round=int(meta["round"]))
 
     # ---- bookkeeping from the worker
+    def catch_up_clock(self) -> None:
+        """Before the first step on a downloaded state: the run clock of the stage as it is now (the median of the
+        live stage mates' published ones, never backwards), not as it was at the download."""
+        if not self.clock_pending:
+            return
+        self.clock_pending = False
+        now = {o.peer_id: {"clock": o.clock} for o in self.others if o.state == "online"}
+        self.trainer.clock = max(self.trainer.clock, group_clock(now, self.trainer.clock, self.cfg.run.max_steps))
+
     def stepped(self, samples: int) -> None:
         self.progress.round_steps += 1
         self.progress.round_samples += samples
@@ -208,7 +231,7 @@ class StageSync:
         return choose_donors(self.me, self.progress, self.others)
 
     # ---- a round
-    def _average(self, r: int, weight: float, refresh) -> tuple[dict | None, str]:
+    def _average(self, r: int, weight: float, clock: int, refresh) -> tuple[dict | None, str]:
         """Blocking: attempts until one completes or the round's deadline. Returns (gathered, outcome)."""
         deadline = time.monotonic() + self.cfg.swarm.averaging_timeout
         attempts, last_error = 0, ""
@@ -233,7 +256,7 @@ class StageSync:
             budget = min(deadline - time.monotonic(), 3 * self.cfg.swarm.matchmaking_time + 1)
             if budget <= self.cfg.swarm.matchmaking_time:
                 break
-            control = self.averager.step(weight=weight, gather={"round": r, "hash": self.progress.global_hash},
+            control = self.averager.step(weight=weight, gather={"round": r, "hash": self.progress.global_hash, "clock": clock},
                                          timeout=budget, allow_retries=False, wait=False)
 
             def give_up():
@@ -261,17 +284,20 @@ class StageSync:
         weight = float(samples) if samples > 0 else 1e-6
         if self.outer:
             await self.compute.run(STEP, lambda: self.outer.pseudo_gradient(self.trainer.params, out=self.own))
+            clock = self.trainer.clock
         else:
             await self.compute.run(STEP, lambda: self.trainer.mean_gradients(completed_samples, self.own))
+            clock = await self.compute.run(STEP, self.trainer.position)  # the step this average is for
         before = list(self.averager.traffic)
-        gathered, outcome = await loop.run_in_executor(None, self._average, r, weight, refresh)
+        gathered, outcome = await loop.run_in_executor(None, self._average, r, weight, clock, refresh)
         if outcome == "behind":
             self.progress.syncing = False
             log.warning(f"stage round {r}: the stage is ahead of this peer; recovering its state")
             return None
         averaged = gathered is not None
         group_ok = True
-        if averaged:
+        if averaged:  # the group goes on at one run clock, so its members use one lr (sync mode: this very step)
+            clock = group_clock(gathered, clock, self.cfg.run.max_steps)
             votes = [(v.get("hash", ""), p) for p, v in gathered.items() if isinstance(v, dict)]
             group_ok = majority_hash(votes) == self.progress.global_hash if votes else True
             if not group_ok:
@@ -304,6 +330,7 @@ class StageSync:
             if self.outer:
                 self.outer.step(delta)
                 self.outer.load_into(self.trainer.params)
+                self.trainer.clock = clock
             else:
                 self.trainer.set_gradients(delta)
             return norm
@@ -311,7 +338,7 @@ class StageSync:
         norm = await self.compute.run(STEP, apply)
         after = list(self.averager.traffic)
         self.progress.round_ok = group_ok and (averaged or outcome == "alone")
-        metrics = {"round": r, "group_size": len(gathered) if averaged else 1, "outcome": outcome,
+        metrics = {"round": r, "group_size": len(gathered) if averaged else 1, "outcome": outcome, "clock": clock,
                    "ok": self.progress.round_ok, "samples": samples, "pseudo_grad_norm" if self.outer else "grad_norm": norm,
                    "bytes_sent": after[SENT] - before[SENT], "bytes_received": after[RECEIVED] - before[RECEIVED],
                    "unaveraged_values": after[FAILED_VALUES] - before[FAILED_VALUES],
@@ -373,12 +400,15 @@ class StageSync:
                 or meta["round"] < 0 or tensors_hash(tensors[:n]) != meta.get("hash"):
             log.warning("downloaded stage state is inconsistent (hash or metadata); discarded")
             return False
-        await self.compute.run(STEP, lambda: self._apply_state(meta, tensors))
+        # the run clock: the donors' published ones and the one served, by median (one donor cannot set it alone)
+        claims = {o.peer_id: {"clock": o.clock} for o in self.others if o.peer_id in donors}
+        clock = group_clock({**claims, "served": {"clock": meta.get("clock")}}, self.trainer.clock, self.cfg.run.max_steps)
+        await self.compute.run(STEP, lambda: self._apply_state(meta, tensors, clock))
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        event = {"reason": reason, "round": meta["round"], "hash": meta["hash"], "donors": len(donors),
+        event = {"reason": reason, "round": meta["round"], "hash": meta["hash"], "clock": clock, "donors": len(donors),
                  "bytes": nbytes, "seconds": time.monotonic() - t0}
         self.recoveries.append(event)
-        log.warning(f"stage state recovered ({reason}): round {meta['round']}, weights {meta['hash']}, "
+        log.warning(f"stage state recovered ({reason}): round {meta['round']}, run step {clock}, weights {meta['hash']}, "
                     f"{nbytes / 2**20:.1f} MiB from {len(donors)} donor(s) in {event['seconds']:.1f}s")
         return True
 

@@ -22,9 +22,14 @@ class RequestShape:
     vocab: int
 
 
+MAX_CLOCK = 2**31
+
+
 def _check_meta(meta) -> None:
     if not isinstance(meta, dict) or not isinstance(meta.get("mb"), str) or len(meta["mb"]) > 64:
         raise ValueError("metadata needs a microbatch id 'mb' (str, <= 64 chars)")
+    if "clock" in meta and (type(meta["clock"]) is not int or not 0 <= meta["clock"] <= MAX_CLOCK):
+        raise ValueError(f"'clock' (the run step of the microbatch) must be an int in [0, {MAX_CLOCK}]")
 
 
 def _check_labels(labels, rows: tuple[int, int], vocab: int, name: str = "labels") -> None:

@@ -32,4 +32,28 @@ def test_only_counted_backwards_reach_the_gradient():
     assert last.seal() == 2  # the window's gradient is closed: a backward of this window can no longer join it
     with pytest.raises(Abandoned):
         last.forward_backward_last(x, labels, stale)
-    assert last.step() == 2 and last.ledger == [[1, 2, ["a:0"]]] and last.abandoned == 2
+    assert last.step() == 2 and last.abandoned == 2
+    assert [(e["step"], e["samples"], e["mbs"]) for e in last.ledger] == [(1, 2, ["a:0"])]
+
+
+def test_later_stages_step_on_the_run_clock_their_microbatches_carry():
+    """Stage 0 counts the run's steps; a later stage steps at the median clock of what it summed, never backwards,
+    and its lr is the schedule's at that clock (not at its own step count)."""
+    from swarm_peer.optim import scheduled_lr
+
+    first = _trainer(0, "optim.inner.warmup_steps=4", "run.max_steps=20")
+    assert first.position() == 0
+    first.clock = 7  # e.g. adopted from its stage on joining
+    assert first.position() == 7
+    last = _trainer(1, "optim.inner.warmup_steps=4", "run.max_steps=20")
+    x, labels = torch.randn(2, 32, 64), torch.randint(0, 257, (2, 32))
+    for i, clock in enumerate((9, 11, 10, 2)):  # one stray (or hostile) low clock moves the median by one rank
+        last.forward_backward_last(x, labels, last.ticket(f"a:{i}", 2, clock))
+    assert last.position() == 9
+    last.step()
+    entry = last.ledger[-1]
+    assert entry["clock"] == 9 and entry["lr"] == scheduled_lr(last.cfg.optim.inner, 9, 20) and last.clock == 9
+    last.forward_backward_last(x, labels, last.ticket("a:4", 2, 3))  # an old microbatch: the clock never goes back
+    assert last.position() == 9
+    last.step(clock=12)  # sync mode: the group's clock
+    assert last.ledger[-1]["clock"] == 12 and last.clock == 12

@@ -31,7 +31,7 @@ def test_abandoned_backward_never_touches_gradients(swarm_factory, cache_dir):
     s0, s1 = swarm.summary("s0"), swarm.summary("s1")
     assert s0["retries"] > 0, "no hop timed out: the test did not exercise abandoned requests"
     ledger = s1["ledger"]
-    assert sum(n for _, n, _ in ledger) == s1["samples"] and len(ledger) == s1["inner_steps"]
+    assert sum(e["samples"] for e in ledger) == s1["samples"] and len(ledger) == s1["inner_steps"]
 
     # the reference: the same stage code in this process, fed exactly the microbatches each step counted
     cfg = load_config(None, [*FAST, f"data.cache_dir={cache_dir}", *over])
@@ -39,22 +39,22 @@ def test_abandoned_backward_never_touches_gradients(swarm_factory, cache_dir):
     torch.set_num_threads(1)  # as the peers run (run.threads=1): same kernels, same roundings
     try:
         sampler = ShardSampler(load_corpus(cfg).train, cfg.data.microbatch_size, cfg.run.seed, 0, 1)
-        wanted = max(int(mb.split(":")[1]) for _, _, mbs in ledger for mb in mbs)
+        wanted = max(int(mb.split(":")[1]) for e in ledger for mb in e["mbs"])
         batches = [sampler.next() for _ in range(wanted + 1)]
         stage0 = build_stage(cfg, 0)  # frozen (lr 1e-30 on the stage-0 peer)
         ref = StageTrainer(cfg, 1, torch.device("cpu"))
-        for step, samples, mbs in ledger:
-            for mb in mbs:
+        for entry in ledger:
+            for mb in entry["mbs"]:
                 batch = batches[int(mb.split(":")[1])]
                 with torch.no_grad():
                     hidden = stage0(batch.input_ids)
                 ref.forward_backward_last(hidden, batch.labels, ref.ticket(mb, batch.input_ids.shape[0]))
-            assert ref.step() == samples
+            assert ref.step(clock=entry["clock"]) == entry["samples"]  # the run step it trained at
     finally:
         torch.set_num_threads(threads)
     got = torch.load(swarm.tmp / "s1.pt")
     for k, v in ref.model.state_dict().items():
         torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0, msg=f"stage 1 {k}")
     print(f"\nabandoned requests: {s0['retries']} hops re-sent, {s1['abandoned_backwards']} backwards skipped, "
-          f"{s1['inner_steps']} stage-1 steps over {sum(len(m) for _, _, m in ledger)} counted microbatches; "
+          f"{s1['inner_steps']} stage-1 steps over {sum(len(e['mbs']) for e in ledger)} counted microbatches; "
           f"parameters equal the reference within 1e-6")

@@ -60,7 +60,8 @@ metas = st.one_of(
     st.fixed_dictionaries({"mb": st.one_of(st.text(max_size=70), st.integers(), st.none())},
                           optional={"eval": st.one_of(st.booleans(), st.integers()),
                                     "sample": st.one_of(st.integers(-2, 6), st.text(max_size=2)),
-                                    "n": st.integers()}))
+                                    "n": st.integers(),
+                                    "clock": st.one_of(st.integers(-3, 2**31 + 2), st.floats(), st.text(max_size=2))}))
 
 
 def _check(fn, meta, parts):
@@ -82,6 +83,7 @@ def test_fuzz_hidden_request_checks(meta, parts):
         assert hidden.dtype == torch.float32 and tuple(hidden.shape) == (n, 4, 3) and torch.isfinite(hidden).all()
         assert labels.dtype == torch.int64 and tuple(labels.shape) == (n, 4)
         assert labels.numel() == 0 or (labels.min() >= 0 and labels.max() < 11)
+        assert "clock" not in meta or (type(meta["clock"]) is int and 0 <= meta["clock"] <= 2**31)
 
 
 @FUZZ
