@@ -87,7 +87,7 @@ def restore(worker, state: dict) -> None:
     t.model.load_state_dict(state["model"])
     t.opt.load_state_dict(state["inner_opt"])
     t.inner_step, t.samples_stepped = int(state["inner_step"]), int(state["samples_stepped"])
-    t.clock = int(state.get("clock", t.inner_step))  # checkpoints before the run clock: the peer's own steps
+    t.clock = float(state.get("clock", t.inner_step))  # checkpoints before the run clock: the peer's own steps
     if worker.sync.outer is not None and state.get("outer") is not None:
         worker.sync.outer.load_state_dict(state["outer"])
     worker.sync.progress = Progress(**{**state["progress"], "syncing": False})

@@ -17,7 +17,7 @@ Training semantics (why the numbers are exact):
   advances it by one per inner step; every microbatch carries the clock of the stage-0 step that drew it, and a later
   stage steps at the median clock of the microbatches it summed. So a later stage that takes more (or fewer) inner
   steps than stage 0 follows stage 0's warmup and cosine. Stage mates align their clocks at every averaged round
-  (median of the group's) and a joiner adopts its stage's, so peers of a stage use the same lr in the same round.
+  (median of the group's; a float, so a faster peer's extra steps are neither gained nor lost) and a joiner adopts its stage's, so peers of a stage use the same lr in the same round.
 - One compute thread executes all torch work in priority order: optimizer step, then backward, then forward (a
   backward frees memory and unblocks the sender; a forward only adds work).
 """
@@ -175,7 +175,7 @@ class Ticket:
     mb: str
     samples: int
     window: int
-    clock: int = -1  # the run clock of the stage-0 step that drew it (-1: unknown)
+    clock: float = -1.0  # the run clock of the stage-0 step that drew it (-1: unknown)
     abandoned: bool = False
 
 
@@ -198,12 +198,12 @@ class StageTrainer:
         self.params = list(self.model.parameters())
         self.opt, _ = build_inner_optimizer(self.params, cfg.optim.inner, cfg.run.max_steps)
         self.inner_step = 0
-        self.clock = 0  # the run's step this peer trains at (module docstring): what the lr schedule reads
+        self.clock = 0.0  # the run's step this peer trains at (module docstring): what the lr schedule reads
         self.samples_stepped = 0
         self.window_id = 0  # bumped by every step: tickets of an earlier window never touch p.grad
         self.grad_samples = 0  # samples whose backward is in p.grad (compute thread only)
         self._grad_mbs: list[str] = []  # ... and their microbatch ids, in accumulation order
-        self._grad_clocks: list[int] = []  # ... and the run clocks they carry
+        self._grad_clocks: list[float] = []  # ... and the run clocks they carry
         self.abandoned = 0  # backwards skipped because their caller had given up
         self.ledger: list[dict] = []  # what each of the last LEDGER_STEPS steps summed, at which lr, when
         self.compute_seconds = 0.0
@@ -225,8 +225,8 @@ class StageTrainer:
         self._account(x.shape[0], time.perf_counter() - t0)
         return Pending(x, out, t0)
 
-    def ticket(self, mb: str, samples: int, clock: int = -1) -> Ticket:
-        return Ticket(mb, samples, self.window_id, clock)
+    def ticket(self, mb: str, samples: int, clock: float = -1.0) -> Ticket:
+        return Ticket(mb, samples, self.window_id, float(clock))
 
     def _check(self, ticket: Ticket) -> None:
         if ticket.abandoned or ticket.window != self.window_id:
@@ -292,18 +292,18 @@ class StageTrainer:
         self.window_id += 1
         self.grad_samples, self._grad_mbs, self._grad_clocks = 0, [], []
 
-    def position(self) -> int:
+    def position(self) -> float:
         """The run clock the coming step trains at: stage 0's own; a later stage's follows the microbatches it summed
         (their median, never backwards)."""
         if self.spec.is_first or not self._grad_clocks:
             return self.clock
         return max(self.clock, sorted(self._grad_clocks)[(len(self._grad_clocks) - 1) // 2])
 
-    def step(self, grads_are_mean: bool = False, clock: int | None = None) -> int:
+    def step(self, grads_are_mean: bool = False, clock: float | None = None) -> int:
         """Inner AdamW step on the samples counted in p.grad (`grads_are_mean`: already the batch mean, as after a
         sync-mode gradient average) at run clock `clock` (default: `position()`). Returns the samples stepped."""
         completed, mbs = self.grad_samples, self._grad_mbs
-        position = self.position() if clock is None else clock
+        position = self.position() if clock is None else float(clock)
         self.window_id += 1
         self.grad_samples, self._grad_mbs, self._grad_clocks = 0, [], []
         if completed <= 0 and not grads_are_mean:

@@ -41,7 +41,7 @@ class StageRecord(pydantic.BaseModel):
     throughput: pydantic.confloat(strict=True, ge=0.0, le=1e9)  # samples/s EMA of its own compute
     inner_step: pydantic.conint(strict=True, ge=0)
     samples: pydantic.conint(strict=True, ge=0)
-    clock: pydantic.conint(strict=True, ge=0, le=2**31)  # the run step it trains at (its lr schedule's position)
+    clock: pydantic.confloat(strict=True, ge=0.0, le=2.0**31)  # the run step it trains at (its lr schedule's position)
     # same-stage synchronization (sync.py): the outer round this peer is in, its progress in it, whether it is
     # averaging now, the hash of its global weights at the round's start and whether it got them from a completed
     # round (a peer whose last round failed does not vote on the stage's weights)

@@ -94,7 +94,7 @@ class StageWorker:
             config_summary=config_summary(self.cfg, self.stage), state=self.state, client_mode=self.client_mode,
             queue=(w.waiting if w else 0) + self.compute.pending(), inflight=w.pending if w else 0,
             max_inflight=self.cfg.swarm.max_inflight, throughput=float(self.trainer.throughput),
-            inner_step=self.trainer.inner_step, samples=self.trainer.samples_stepped, clock=min(self.trainer.clock, 2**31),
+            inner_step=self.trainer.inner_step, samples=self.trainer.samples_stepped, clock=float(min(self.trainer.clock, 2**31)),
             round=self.sync.progress.round, round_steps=self.sync.progress.round_steps,
             round_samples=self.sync.progress.round_samples, syncing=self.sync.progress.syncing,
             global_hash=self.sync.progress.global_hash, round_ok=self.sync.progress.round_ok, address=self.address)
@@ -330,7 +330,7 @@ class StageWorker:
         if meta.get("eval") or "sample" in meta:
             return await self._handle_eval(meta, hidden, labels)
         await self.window.admit(samples, rejectable=True)
-        ticket = self.trainer.ticket(meta["mb"], samples, meta.get("clock", -1))
+        ticket = self.trainer.ticket(meta["mb"], samples, meta.get("clock", -1.0))
         ok = False
         try:
             if self.spec.is_last:
@@ -382,11 +382,13 @@ class StageWorker:
         return sum(losses) / len(losses) if losses else None
 
     async def eval_loop(self, max_steps: int) -> None:
-        """Stage 0: evaluate every `run.eval_interval` inner steps and at the last one."""
-        every, done = self.cfg.run.eval_interval, -1
+        """Stage 0: evaluate every `run.eval_interval` run steps and at the last one."""
+        every, done = self.cfg.run.eval_interval, None
         while self.val_batches and self.state == "online" and not self.stop_event.is_set():
-            step = self.trainer.clock  # the run's step (a joiner's first step is its stage's, not 0)
-            if step != done and ((every and step % every == 0 and step > 0) or step >= max_steps):
+            step = min(int(self.trainer.clock), max_steps)  # the run's step (a joiner starts at its stage's, not 0)
+            if done is None:
+                done = step  # a joiner does not evaluate the state it downloaded before training it
+            if step != done and ((every and step // every > done // every) or step >= max_steps):
                 done = step
                 loss = await self.evaluate()
                 if loss is not None:

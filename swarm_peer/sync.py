@@ -39,6 +39,7 @@ from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, tensors_hash
 from swarm_peer.records import StageRecord
+from swarm_peer.validation import valid_clock
 
 log = logging.getLogger("swarm_peer")
 
@@ -109,15 +110,15 @@ def choose_donors(me_id: str, me: Progress, others: list[StageRecord]) -> list[s
     return sorted(r.peer_id for r in at_top if r.global_hash == best)
 
 
-def group_clock(gathered: dict, own: int, limit: int) -> int:
+def group_clock(gathered: dict, own: float, limit: float) -> float:
     """The run clock a group continues from: the median of its members' (a stray or hostile value moves it by at
-    most one rank; an even group takes the middle two's mean, rounded up); `own` when no member sent a valid one."""
-    clocks = sorted(v["clock"] for v in gathered.values()
-                    if isinstance(v, dict) and type(v.get("clock")) is int and 0 <= v["clock"] <= limit)
+    most one rank; an even group takes the middle two's mean, exactly, so aligning neither gains nor loses steps);
+    `own` when no member sent a valid one."""
+    clocks = sorted(float(v["clock"]) for v in gathered.values() if isinstance(v, dict) and valid_clock(v.get("clock"), limit))
     if not clocks:
         return own
     mid = len(clocks) // 2
-    return clocks[mid] if len(clocks) % 2 else (clocks[mid - 1] + clocks[mid] + 1) // 2
+    return clocks[mid] if len(clocks) % 2 else (clocks[mid - 1] + clocks[mid]) / 2
 
 
 def format_round(m: dict) -> str:
@@ -186,7 +187,7 @@ class StageSync:
         return len(self.trainer.params) * (2 if self.outer else 3)
 
     @torch.no_grad()
-    def _apply_state(self, meta: dict, tensors: list[torch.Tensor], clock: int) -> None:
+    def _apply_state(self, meta: dict, tensors: list[torch.Tensor], clock: float) -> None:
         n = len(self.trainer.params)
         if self.outer:
             self.outer.load_state_tensors(tensors)
@@ -231,7 +232,7 @@ class StageSync:
         return choose_donors(self.me, self.progress, self.others)
 
     # ---- a round
-    def _average(self, r: int, weight: float, clock: int, refresh) -> tuple[dict | None, str]:
+    def _average(self, r: int, weight: float, clock: float, refresh) -> tuple[dict | None, str]:
         """Blocking: attempts until one completes or the round's deadline. Returns (gathered, outcome)."""
         deadline = time.monotonic() + self.cfg.swarm.averaging_timeout
         attempts, last_error = 0, ""
@@ -408,7 +409,7 @@ class StageSync:
         event = {"reason": reason, "round": meta["round"], "hash": meta["hash"], "clock": clock, "donors": len(donors),
                  "bytes": nbytes, "seconds": time.monotonic() - t0}
         self.recoveries.append(event)
-        log.warning(f"stage state recovered ({reason}): round {meta['round']}, run step {clock}, weights {meta['hash']}, "
+        log.warning(f"stage state recovered ({reason}): round {meta['round']}, run step {clock:g}, weights {meta['hash']}, "
                     f"{nbytes / 2**20:.1f} MiB from {len(donors)} donor(s) in {event['seconds']:.1f}s")
         return True
 

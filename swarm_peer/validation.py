@@ -5,6 +5,7 @@ has been admitted, computed or stored by then.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +26,16 @@ class RequestShape:
 MAX_CLOCK = 2**31
 
 
+def valid_clock(x, limit: float = MAX_CLOCK) -> bool:
+    """A run clock (compute.py): a finite number of run steps in [0, limit]."""
+    return type(x) in (int, float) and math.isfinite(x) and 0 <= x <= limit
+
+
 def _check_meta(meta) -> None:
     if not isinstance(meta, dict) or not isinstance(meta.get("mb"), str) or len(meta["mb"]) > 64:
         raise ValueError("metadata needs a microbatch id 'mb' (str, <= 64 chars)")
-    if "clock" in meta and (type(meta["clock"]) is not int or not 0 <= meta["clock"] <= MAX_CLOCK):
-        raise ValueError(f"'clock' (the run step of the microbatch) must be an int in [0, {MAX_CLOCK}]")
+    if "clock" in meta and not valid_clock(meta["clock"]):
+        raise ValueError(f"'clock' (the run step of the microbatch) must be a number in [0, {MAX_CLOCK}]")
 
 
 def _check_labels(labels, rows: tuple[int, int], vocab: int, name: str = "labels") -> None:

@@ -14,7 +14,7 @@ RUN = "recordtest"
 def _record(peer_id: str, **changes) -> StageRecord:
     fields = dict(peer_id=peer_id, stage=1, fingerprint="0123456789abcdef", mates_fingerprint="0123456789abcdef",
                   config_summary="test", state="online",
-                  client_mode=False, queue=0, inflight=0, max_inflight=4, throughput=10.0, inner_step=0, samples=0, clock=0,
+                  client_mode=False, queue=0, inflight=0, max_inflight=4, throughput=10.0, inner_step=0, samples=0, clock=0.0,
                   round=0, round_steps=0, round_samples=0, syncing=False, global_hash="0123456789abcdef", round_ok=True,
                   address="/ip4/127.0.0.1/tcp/1")
     fields.update(changes)

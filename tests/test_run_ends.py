@@ -27,7 +27,9 @@ def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
         boot.shutdown()
     a, b = swarm.summary("a"), swarm.summary("b")
     for s in (a, b):
-        assert s["inner_steps"] == 80 and s["loss_curve"] and s["eval_curve"], s
+        assert 80 <= s["clock"] < 81 and s["loss_curve"] and s["eval_curve"], s  # each ran the run's 80 steps of schedule
+    # ... and together the run's 2 x 80 steps of data: the faster peer takes more of them (rounds align the clocks)
+    assert abs(a["inner_steps"] + b["inner_steps"] - 160) <= 16, (a["inner_steps"], b["inner_steps"])
     assert any(r["group_size"] == 2 for r in a["sync"]["rounds"]), a["sync"]["rounds"]  # averaged with its mate
     assert a["sync"]["global_hash"] == b["sync"]["global_hash"]  # one global model at the end
     assert all(r["group_size"] <= 2 for s in (a, b) for r in s["sync"]["rounds"])  # never with c

@@ -42,7 +42,8 @@ def test_joiner_and_later_stages_follow_the_stage_schedule(swarm_factory):
         assert swarm.wait_exit(name, 300) == 0, swarm.log(name)[-3000:]
     a, j, c = (swarm.summary(n)["ledger"] for n in ("a", "j", "c"))
     # the stage mate ran the whole schedule (a few steps more or less than MAX_STEPS: rounds align its clock with j's)
-    assert a[0]["clock"] == 0 and a[-1]["clock"] == MAX_STEPS - 1 and abs(len(a) - MAX_STEPS) <= 10, (len(a), a[-1])
+    assert a[0]["clock"] == 0 and MAX_STEPS - 1.5 <= a[-1]["clock"] < MAX_STEPS and abs(len(a) - MAX_STEPS) <= 10, \
+        (len(a), a[-1])
 
     # the joiner's first step uses its stage's lr, give or take a step (not a warmup from zero)
     first = j[0]

@@ -9,7 +9,7 @@ H1, H2, H3 = "1111111111111111", "2222222222222222", "3333333333333333"
 def rec(peer_id, round=0, steps=0, samples=0, syncing=False, hash=H1, ok=True, state="online", fp="0123456789abcdef",
         mates="0123456789abcdef"):
     return StageRecord(peer_id=peer_id, stage=1, fingerprint=fp, mates_fingerprint=mates, config_summary="t", state=state, client_mode=False,
-                       queue=0, inflight=0, max_inflight=4, throughput=1.0, inner_step=0, samples=0, clock=0, round=round,
+                       queue=0, inflight=0, max_inflight=4, throughput=1.0, inner_step=0, samples=0, clock=0.0, round=round,
                        round_steps=steps, round_samples=samples, syncing=syncing, global_hash=hash, round_ok=ok,
                        address="")
 
@@ -92,7 +92,8 @@ def test_group_clock_is_the_median_of_valid_claims():
 
     assert group_clock({"a": {"clock": 10}, "b": {"clock": 12}, "c": {"clock": 11}}, 0, 100) == 11
     assert group_clock({"a": {"clock": 10}, "b": {"clock": 12}}, 0, 100) == 11  # even: the middle two's mean
-    assert group_clock({"a": {"clock": 10}, "b": {"clock": 11}}, 0, 100) == 11  # ... rounded up
+    assert group_clock({"a": {"clock": 10}, "b": {"clock": 11.0}}, 0, 100) == 10.5  # ... exactly: no step gained or lost
     # invalid or out-of-range claims are ignored; none valid: one's own
-    assert group_clock({"a": {"clock": 10**9}, "b": {"clock": -3}, "c": {"clock": 4.5}, "d": "x"}, 7, 100) == 7
+    assert group_clock({"a": {"clock": 10**9}, "b": {"clock": -3}, "c": {"clock": float("nan")}, "d": "x",
+                        "e": {"clock": True}, "f": {"clock": "5"}}, 7, 100) == 7
     assert group_clock({"a": {"clock": 5}, "evil": {"clock": 100}, "c": {"clock": 6}}, 0, 100) == 6
