@@ -90,10 +90,12 @@ def start_dht(args, validators, quiet: bool = False):
     setups."""
     import hivemind
 
+    from swarm_peer import swarm_time
     from swarm_peer.reaper import start_reaper
     from swarm_peer.swarm_key import SwarmKeyAuthorizer, SwarmKeyValidator
 
     start_reaper()  # before the DHT forks: on kill -9 of this process, its DHT, p2pd and averagers go too
+    swarm_time.install()  # ... and so does the swarm-time clock every process of this peer reads
 
     key = getattr(args, "swarm_key", None)
     if key is not None:
@@ -101,7 +103,12 @@ def start_dht(args, validators, quiet: bool = False):
     dht = hivemind.DHT(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
                        announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
                        client_mode=args.client_mode, record_validators=validators, start=True,
-                       startup_timeout=30, authorizer=SwarmKeyAuthorizer(key) if key is not None else None)
+                       startup_timeout=30, authorizer=SwarmKeyAuthorizer(key) if key is not None else None,
+                       ensure_bootstrap_success=False)  # its check refuses clocks 3 s apart; swarm_time corrects them
+    if args.initial_peers and swarm_time.synchronize(dht) is None:
+        dht.shutdown()
+        raise _fail(f"none of --initial-peers answered over the DHT ({', '.join(args.initial_peers)}): "
+                    f"check the addresses and that those peers are running")
     if key is not None and not quiet:
         print(f"private swarm: swarm key fingerprint {key.fingerprint()}", flush=True)
     maddrs = sorted(dht.get_visible_maddrs(), key=_is_loopback)  # non-loopback first
