@@ -28,8 +28,8 @@ def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
     a, b = swarm.summary("a"), swarm.summary("b")
     for s in (a, b):
         assert 80 <= s["clock"] < 81 and s["loss_curve"] and s["eval_curve"], s  # each ran the run's 80 steps of schedule
-    # ... and together the run's 2 x 80 steps of data: the faster peer takes more of them (rounds align the clocks)
-    assert abs(a["inner_steps"] + b["inner_steps"] - 160) <= 16, (a["inner_steps"], b["inner_steps"])
+    # ... and together about the run's 2 x 80 steps of data: the faster peer takes more of them (rounds align the clocks)
+    assert 144 <= a["inner_steps"] + b["inner_steps"] <= 176, (a["inner_steps"], b["inner_steps"])
     assert any(r["group_size"] == 2 for r in a["sync"]["rounds"]), a["sync"]["rounds"]  # averaged with its mate
     assert a["sync"]["global_hash"] == b["sync"]["global_hash"]  # one global model at the end
     assert all(r["group_size"] <= 2 for s in (a, b) for r in s["sync"]["rounds"])  # never with c

@@ -98,9 +98,10 @@ def test_two_by_two_trains_and_wiring_avoids_slow_peer(swarm_factory):
         assert swarm.wait_exit(name, 400) == 0, swarm.log(name)[-3000:]
     summaries = {n: swarm.summary(n) for n in ("s0p0", "s0p1", "s1p0", "s1p1")}
     assert all(s["microbatches"] > 0 for s in summaries.values())
-    # every stage-0 peer ran the run's 25 steps of schedule; together they took about 2 x 25 (the faster one more)
+    # every stage-0 peer ran to the end of the run's 25 steps of schedule; together they took at most about 2 x 25
+    # (the faster one more; one that started late joined its stage where it was)
     assert all(25 <= s["clock"] < 26 for n, s in summaries.items() if n.startswith("s0"))
-    assert abs(summaries["s0p0"]["inner_steps"] + summaries["s0p1"]["inner_steps"] - 50) <= 6
+    assert 25 <= summaries["s0p0"]["inner_steps"] + summaries["s0p1"]["inner_steps"] <= 56
     fast_id, slow_id = summaries["s1p0"]["peer_id"], summaries["s1p1"]["peer_id"]
     to_fast = sum(s["forwarded_to"].get(fast_id, 0) for n, s in summaries.items() if n.startswith("s0"))
     to_slow = sum(s["forwarded_to"].get(slow_id, 0) for n, s in summaries.items() if n.startswith("s0"))
