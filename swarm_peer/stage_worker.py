@@ -71,6 +71,7 @@ class StageWorker:
         self._last_checkpoint = time.monotonic()
         self.telemetry = PeerTelemetry(self, metrics_period)
         self._recover_wanted = False
+        self._recovery_given_up = -1  # the round in which recovery last failed for good
         self.window: GradientWindow | None = None  # created on the loop
         self.state = "online"
         self.stop_event: asyncio.Event | None = None
@@ -176,7 +177,7 @@ class StageWorker:
         stepper acts once in-flight microbatches drain."""
         while self.state in ("online", "idle"):
             await self._in_thread(self._refresh_stage)
-            if not self.sync.progress.syncing and (self.sync.due() or self.sync.donors()):
+            if not self.sync.progress.syncing and (self.sync.due() or self._disagrees()):
                 self.window.close()
             await asyncio.sleep(max(0.5, self.cfg.swarm.announce_period / 2))
 
@@ -218,6 +219,10 @@ class StageWorker:
             await asyncio.sleep(0.5)
             await self._in_thread(self._refresh_stage)
 
+    def _disagrees(self) -> bool:
+        """Our weights differ from the stage majority's and recovery has not already failed for good this round."""
+        return bool(self.sync.donors()) and self._recovery_given_up != self.sync.progress.round
+
     async def _recover(self, behind: bool) -> bool:
         """Download the stage's state (we are behind it, or our weights disagree with its majority), retrying with
         backoff while donors fail or none is visible; then go on with this peer's own state, not voting
@@ -235,7 +240,10 @@ class StageWorker:
             await self._in_thread(self._refresh_stage)
         log.warning(f"stage {self.stage}: no stage peer could serve the stage state ({reason}) after "
                     f"{RECOVERY_TRIES} tries; continuing on this peer's own weights, not voting until a round agrees")
+        top = max((o.round for o in self.sync.others if o.round_ok), default=self.sync.progress.round)
+        self.sync.progress.round = max(self.sync.progress.round, top)  # take part in the stage's rounds again
         self.sync.progress.round_ok = False
+        self._recovery_given_up = self.sync.progress.round  # next try: in a later round, not at every step
         await self._publish_now()
         return False
 
@@ -432,7 +440,7 @@ class StageWorker:
             waiters, self._sync_waiters = self._sync_waiters, []
             if self.sync.mode == "diloco" and (self.sync.due() or (waiters and self.sync.unmerged_work())):
                 await self._round()
-            if self.sync.donors() or self._recover_wanted:
+            if self._disagrees() or self._recover_wanted:
                 await self._recover(behind=self._recover_wanted)
                 self._recover_wanted = False
             if self.checkpoint_dir and time.monotonic() - self._last_checkpoint >= self.cfg.run.checkpoint_interval:

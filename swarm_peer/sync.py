@@ -112,9 +112,11 @@ def choose_donors(me_id: str, me: Progress, others: list[StageRecord]) -> list[s
 
 def group_clock(gathered: dict, own: float, limit: float) -> float:
     """The run clock a group continues from: the median of its members' (a stray or hostile value moves it by at
-    most one rank; an even group takes the middle two's mean, exactly, so aligning neither gains nor loses steps);
-    `own` when no member sent a valid one."""
-    clocks = sorted(float(v["clock"]) for v in gathered.values() if isinstance(v, dict) and valid_clock(v.get("clock"), limit))
+    most one rank; an even group takes the middle two's mean, exactly, so aligning neither gains nor loses steps),
+    at most `limit` (the run's end: stage mates that are done pull a late peer to it); `own` when no member sent a
+    valid one."""
+    clocks = sorted(min(float(v["clock"]), limit) for v in gathered.values()
+                    if isinstance(v, dict) and valid_clock(v.get("clock")))
     if not clocks:
         return own
     mid = len(clocks) // 2

@@ -1,5 +1,5 @@
 """Clock skew between machines: one stage-0 peer's clock 30 s behind, one stage-1 peer's 30 s ahead, the monitor's
-30 s behind (tests/skewed_peer.py shifts time.time in the whole peer: its DHT and averager processes too). Stage mates
+30 s behind (tests/fault_peer.py shifts time.time in the whole peer: its DHT and averager processes too). Stage mates
 still average together and end on one model, and the monitor counts every peer in the same windows."""
 import json
 import os
@@ -14,7 +14,7 @@ from tests.conftest import PYTHON, ROOT
 from tests.swarm_harness import group_pids
 
 pytestmark = pytest.mark.slow
-SKEWED = (PYTHON, str(ROOT / "tests" / "skewed_peer.py"))
+SKEWED = (PYTHON, str(ROOT / "tests" / "fault_peer.py"))
 
 
 def _skew(seconds: float) -> dict:

@@ -94,6 +94,8 @@ def test_group_clock_is_the_median_of_valid_claims():
     assert group_clock({"a": {"clock": 10}, "b": {"clock": 12}}, 0, 100) == 11  # even: the middle two's mean
     assert group_clock({"a": {"clock": 10}, "b": {"clock": 11.0}}, 0, 100) == 10.5  # ... exactly: no step gained or lost
     # invalid or out-of-range claims are ignored; none valid: one's own
-    assert group_clock({"a": {"clock": 10**9}, "b": {"clock": -3}, "c": {"clock": float("nan")}, "d": "x",
+    assert group_clock({"a": {"clock": 2**40}, "b": {"clock": -3}, "c": {"clock": float("nan")}, "d": "x",
                         "e": {"clock": True}, "f": {"clock": "5"}}, 7, 100) == 7
+    # peers past the run's end count as at its end: a late peer in a group of finished ones is pulled to the end
+    assert group_clock({"late": {"clock": 8.5}, "b": {"clock": 30.5}, "c": {"clock": 31}}, 0, 30) == 30
     assert group_clock({"a": {"clock": 5}, "evil": {"clock": 100}, "c": {"clock": 6}}, 0, 100) == 6

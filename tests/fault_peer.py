@@ -1,0 +1,59 @@
+"""Test-only faults: run `python -m swarm_peer ...` with faults injected from the environment (never in the user CLI).
+
+Usage (the harness's `prefix`): python tests/fault_peer.py <python> -m swarm_peer <args...>, with
+  SWARM_TEST_CLOCK_OFFSET=S   this machine's wall clock is off by S seconds (time.time shifted before anything reads
+                              it: hivemind's DHT time, its DHT and averager processes forked from this one, records)
+  SWARM_TEST_FAULTS=a,b,...   refuse_state      never serve the stage state (a donor that is unreachable)
+                              perturb_round=R   after completing round R, this peer's global weights are nudged
+                                                (a replica that went wrong: it must recover or go on, not stall)
+                              guard_averager    report any use of the averager's tensors (its lock) on the compute
+                                                thread: a line "AVERAGER LOCK ON THE COMPUTE THREAD" in the log
+"""
+import os
+import runpy
+import sys
+import threading
+import time
+
+offset = float(os.environ.get("SWARM_TEST_CLOCK_OFFSET", "0"))
+if offset:
+    _real = time.time
+    time.time = lambda: _real() + offset
+faults = dict(f.partition("=")[::2] for f in os.environ.get("SWARM_TEST_FAULTS", "").split(",") if f)
+
+if "refuse_state" in faults:
+    from swarm_peer.sync import StageSync
+
+    StageSync._state_for_download = lambda self: ({"round": -1}, [])
+
+if "perturb_round" in faults:
+    import torch
+
+    from swarm_peer.sync import StageSync
+
+    _finish = StageSync._finish_round
+    target = int(faults["perturb_round"])
+
+    def _finish_round(self, next_round, metrics):
+        if next_round == target + 1 and self.outer is not None:
+            with torch.no_grad():
+                self.outer.global_params[0].add_(1e-3)  # the global copy of the first parameter
+        _finish(self, next_round, metrics)
+
+    StageSync._finish_round = _finish_round
+
+if "guard_averager" in faults:
+    from swarm_peer.averaging import StageAverager
+
+    _get = StageAverager.get_tensors
+
+    def get_tensors(self):
+        if threading.current_thread().name == "swarm-peer-compute":
+            print("AVERAGER LOCK ON THE COMPUTE THREAD", file=sys.stderr, flush=True)
+        return _get(self)
+
+    StageAverager.get_tensors = get_tensors
+
+assert sys.argv[2:4] == ["-m", "swarm_peer"], sys.argv
+sys.argv = ["swarm_peer", *sys.argv[4:]]
+runpy.run_module("swarm_peer", run_name="__main__", alter_sys=True)
