@@ -273,6 +273,11 @@ class StageSync:
                 return {str(k): v for k, v in gathered.items()}, f"averaged in {attempts} attempt(s)"
             last_error = error
             log.info(f"stage round {r}: attempt {attempts} failed: {error}")
+            if control.began_allreduce:
+                # groupmates may have completed this very all-reduce (their last part reached them, ours did not):
+                # a retry with other peers would end the round on a second "agreed" result. Not voting instead;
+                # the stage's majority is recovered at the next round
+                return None, f"failed during the all-reduce ({error}); not retried: a groupmate may have completed it"
         return None, f"failed after {attempts} attempt(s): {last_error or 'no groupmates'}"
 
     async def run_round(self, completed_samples: int, refresh, publish) -> dict | None:

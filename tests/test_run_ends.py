@@ -8,8 +8,10 @@ import pytest
 from hivemind import DHT
 
 from swarm_peer.records import make_validators
+from tests.conftest import PYTHON, ROOT
 
 pytestmark = pytest.mark.slow
+FAILING_ROUND = 3
 
 
 def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
@@ -17,8 +19,11 @@ def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
     boot = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators("onestage", 1))
     try:
         swarm.bootstrap = str(boot.get_visible_maddrs()[0])  # both peers start together (the monitor's role)
-        for name in ("a", "b"):
-            swarm.start(name, 0, "--max-steps", "80")
+        swarm.start("a", 0, "--max-steps", "80")
+        # b's side of round 3's all-reduce fails after a has completed it: b must not retry that round with others
+        # (a second "agreed" result), nor vote; it recovers a's state (tests/fault_peer.py)
+        swarm.start("b", 0, "--max-steps", "80", env={"SWARM_TEST_FAULTS": f"fail_after_allreduce={FAILING_ROUND}"},
+                    prefix=(PYTHON, str(ROOT / "tests" / "fault_peer.py")))
         # a stage mate in another sync mode (same model): named in a warning, never averaged with
         swarm.start("c", 0, "--max-steps", "80", "--set", "swarm.sync_mode=sync")
         for name in ("a", "b", "c"):
@@ -36,6 +41,15 @@ def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
     assert all(r["group_size"] == 1 for r in swarm.summary("c")["sync"]["rounds"])
     for name in ("a", "b"):
         assert "in rounds: its training settings differ from ours" in swarm.log(name), swarm.log(name)[-2000:]
+    # every round that a peer completed as agreed left one hash: b's failed side neither retried nor voted
+    failed = [r for r in b["sync"]["rounds"] if r["round"] == FAILING_ROUND]
+    assert failed and not failed[0]["ok"] and "not retried" in failed[0]["outcome"], failed
+    hashes = {}
+    for s in (a, b):
+        for r in s["sync"]["rounds"]:
+            if r["ok"]:
+                hashes.setdefault(r["round"], set()).add(r["weights_hash"])
+    assert all(len(h) == 1 for h in hashes.values()), {k: v for k, v in hashes.items() if len(v) > 1}
 
 
 def test_stage0_leaves_when_its_next_stage_is_gone_for_good(swarm_factory):
