@@ -76,7 +76,7 @@ def capture(worker) -> dict:
 
 def restore(worker, state: dict) -> None:
     """Load a captured state into a freshly built peer (before it serves)."""
-    from swarm_peer.sync import Progress
+    from swarm_peer.sync_rules import Progress
 
     if state.get("stage") != worker.stage or state.get("fingerprint") != worker.fingerprint:
         raise CheckpointError(f"checkpoint is of stage {state.get('stage')} / config {state.get('fingerprint')}, "

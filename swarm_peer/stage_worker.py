@@ -27,7 +27,8 @@ from swarm_peer.data import Microbatch, ShardSampler
 from swarm_peer.model import mates_fingerprint, stage_fingerprint, stage_spec
 from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
-from swarm_peer.sync import StageSync, format_round, mismatched_mates, stage_peers
+from swarm_peer.sync import StageSync
+from swarm_peer.sync_rules import format_round, mismatched_mates, stage_peers
 from swarm_peer.telemetry import PeerTelemetry, memory_report
 from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
 from swarm_peer.validation import (RequestShape, validate_hidden_request, validate_sample_position,

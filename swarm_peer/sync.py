@@ -28,8 +28,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter
-from dataclasses import dataclass
 
 import torch
 
@@ -39,102 +37,9 @@ from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, tensors_hash
 from swarm_peer.records import StageRecord
-from swarm_peer.validation import valid_clock
+from swarm_peer.sync_rules import Progress, choose_donors, group_clock, majority_hash, round_bits, round_due
 
 log = logging.getLogger("swarm_peer")
-
-
-@dataclass
-class Progress:
-    """This peer's place in its stage's rounds (published in its StageRecord)."""
-    global_hash: str
-    round: int = 0
-    round_steps: int = 0
-    round_samples: int = 0
-    syncing: bool = False
-    round_ok: bool = True
-
-
-# --------------------------------------------------------------------------------------------- pure decisions
-def stage_peers(me: str, records: list[StageRecord], mates_fingerprint: str) -> list[StageRecord]:
-    """The stage's other peers that take part in rounds: training (online) or done training but syncing (idle), with
-    the settings stage mates must share (model.mates_fingerprint)."""
-    return [r for r in records
-            if r.peer_id != me and r.state in ("online", "idle") and r.mates_fingerprint == mates_fingerprint]
-
-
-def mismatched_mates(me: str, records: list[StageRecord], fingerprint: str, mates_fingerprint: str) -> list[StageRecord]:
-    """Live stage peers running the same model with other training settings: never averaged, named in a warning."""
-    return [r for r in records if r.peer_id != me and r.state in ("online", "idle") and r.fingerprint == fingerprint
-            and r.mates_fingerprint != mates_fingerprint]
-
-
-def round_due(me: Progress, others: list[StageRecord], every: int, samples_target: int | None,
-              lookahead: int = 0, training: bool = True) -> bool:
-    """Is my round due? `others`: the stage's other peers (stage_peers). Only training peers count towards H;
-    `lookahead` inner steps per peer: "almost due" (then the worker publishes and re-reads progress at every
-    step, so the trigger lags by less than a step)."""
-    if any(r.syncing and r.round == me.round for r in others):
-        return True  # someone has started this round: join it now
-    same = [r for r in others if r.round == me.round and r.state == "online"]
-    n = len(same) + int(training)
-    if n == 0:
-        return False
-    if samples_target:
-        samples = me.round_samples + sum(r.round_samples for r in same)
-        return samples + lookahead * n * max(1, me.round_samples // max(1, me.round_steps)) >= samples_target
-    return me.round_steps + sum(r.round_steps for r in same) + lookahead * n >= every * n
-
-
-def majority_hash(votes: list[tuple[str, str]]) -> str:
-    """votes: (hash, peer id). The most held hash; a tie goes to the hash held by the smallest peer id."""
-    counts = Counter(h for h, _ in votes)
-    return min(counts, key=lambda h: (-counts[h], min(p for v, p in votes if v == h)))
-
-
-def choose_donors(me_id: str, me: Progress, others: list[StageRecord]) -> list[str]:
-    """Peers to download the stage state from; [] when mine is the stage's (or nobody can tell)."""
-    voters = [r for r in others if r.round_ok]
-    if not voters:
-        return []
-    top = max(r.round for r in voters)
-    if top < me.round:
-        return []  # I am ahead; they catch up from me
-    at_top = [r for r in voters if r.round == top]
-    votes = [(r.global_hash, r.peer_id) for r in at_top]
-    if me.round == top and me.round_ok:
-        votes.append((me.global_hash, me_id))
-    best = majority_hash(votes)
-    if me.round == top and me.global_hash == best:
-        return []
-    return sorted(r.peer_id for r in at_top if r.global_hash == best)
-
-
-def group_clock(gathered: dict, own: float, limit: float) -> float:
-    """The run clock a group continues from: the median of its members' (a stray or hostile value moves it by at
-    most one rank; an even group takes the middle two's mean, exactly, so aligning neither gains nor loses steps),
-    at most `limit` (the run's end: stage mates that are done pull a late peer to it); `own` when no member sent a
-    valid one."""
-    clocks = sorted(min(float(v["clock"]), limit) for v in gathered.values()
-                    if isinstance(v, dict) and valid_clock(v.get("clock")))
-    if not clocks:
-        return own
-    mid = len(clocks) // 2
-    return clocks[mid] if len(clocks) % 2 else (clocks[mid - 1] + clocks[mid]) / 2
-
-
-def format_round(m: dict) -> str:
-    """One log line for a round's metrics."""
-    norm = m.get("pseudo_grad_norm", m.get("grad_norm", 0.0))
-    return (f"round {m['round']} -> {m['round'] + 1}: group {m['group_size']}, "
-            f"{'ok' if m['ok'] else 'NOT agreed'} ({m['outcome']}), norm {norm:.4f}, "
-            f"sent {m['bytes_sent'] / 2**20:.2f} MiB, received {m['bytes_received'] / 2**20:.2f} MiB, "
-            f"{m['seconds']:.2f}s, weights {m['weights_hash']}")
-
-
-def round_bits(r: int) -> str:
-    """Group key bits: only peers in the same round (mod 2^16) can form a group."""
-    return format(r % 65536, "016b")
 
 
 # ------------------------------------------------------------------------------------------------ the peer side

@@ -1,7 +1,7 @@
 """The pure decisions of sync.py: when a round is due, which hash is the stage's, whom to download from."""
 from swarm_peer.records import StageRecord
 from swarm_peer.routing import Candidate, Router
-from swarm_peer.sync import Progress, choose_donors, majority_hash, mismatched_mates, round_bits, round_due, stage_peers
+from swarm_peer.sync_rules import Progress, choose_donors, majority_hash, mismatched_mates, round_bits, round_due, stage_peers
 
 H1, H2, H3 = "1111111111111111", "2222222222222222", "3333333333333333"
 
@@ -88,7 +88,7 @@ def test_stage_mates_must_share_sync_mode_optimizer_batch_seed_data_and_codec():
 
 
 def test_group_clock_is_the_median_of_valid_claims():
-    from swarm_peer.sync import group_clock
+    from swarm_peer.sync_rules import group_clock
 
     assert group_clock({"a": {"clock": 10}, "b": {"clock": 12}, "c": {"clock": 11}}, 0, 100) == 11
     assert group_clock({"a": {"clock": 10}, "b": {"clock": 12}}, 0, 100) == 11  # even: the middle two's mean
