@@ -87,7 +87,8 @@ class PeerTelemetry:
             val = f" | val {self.eval_loss:.4f}" if self.eval_loss is not None else ""
             rnd = f" | round {w.sync.progress.round}" if w.sync.mode != "none" else ""
             nxt = "" if w.spec.is_last else f" | next-stage peers {len(w.router.live())}"
-            print(f"[stage {w.stage}] step {w.trainer.inner_step}{loss}{val} | {rate:,.0f} tok/s{rnd} | "
+            run = f" | run step {int(w.trainer.clock)}/{w.cfg.run.max_steps}"  # the lr schedule's position
+            print(f"[stage {w.stage}] step {w.trainer.inner_step}{loss}{val}{run} | {rate:,.0f} tok/s{rnd} | "
                   f"microbatches {w.stats['microbatches']}{nxt}", flush=True)
             last_t, last_samples = now, samples
 
