@@ -31,7 +31,7 @@ from swarm_peer.sync import StageSync
 from swarm_peer.sync_rules import format_round, mismatched_mates, stage_peers
 from swarm_peer.telemetry import PeerTelemetry, memory_report
 from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
-from swarm_peer.validation import (RequestShape, validate_hidden_request, validate_sample_position,
+from swarm_peer.validation import (RequestShape, checked_values, validate_hidden_request, validate_sample_position,
                                    validate_token_request)
 
 log = logging.getLogger("swarm_peer")
@@ -298,6 +298,13 @@ class StageWorker:
                                                 namespace=self.run_id, swarm_key=self.swarm_key)
                 if not _reply_ok(meta, out, hidden, self.trainer.model.hf.vocab_size):
                     raise RemoteError(f"malformed reply {[tuple(t.shape) for t in out]}")
+                out = [checked_values(t, "reply values") if t.is_floating_point() else t for t in out]
+            except ValueError as e:  # bad values from that peer: it is the one banned
+                self.router.failed(peer, ban=True)
+                failures += 1
+                self.stats["retries"] += 1
+                log.warning(f"stage {self.stage + 1} peer {peer[-8:]} sent a bad reply ({e}); banned, rerouting")
+                continue
             except RemoteError as e:
                 busy = str(e).startswith("busy")
                 self.router.failed(peer, ban=not busy)
@@ -350,6 +357,9 @@ class StageWorker:
                 reply = {"loss": loss}
             else:
                 pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(hidden))
+                # never forward what the next peer must refuse (it would be banned for refusing): the caller's input
+                # is what made it, so the caller gets the error
+                checked_values(pending.outputs.detach(), "activations this input produces")
                 reply, (grad_out,) = await self.send_downstream(meta, pending.outputs, labels)
                 grad = await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out, ticket))
             ok = True

@@ -24,6 +24,9 @@ class RequestShape:
 
 
 MAX_CLOCK = 2**31
+# |activation| and |gradient| bound, checked in fp32 (the compute dtype): far above real ones (GPT-2/Llama outlier
+# features reach ~1e3-1e4), far below where LayerNorm's variance overflows fp32 (~1e19 per value)
+MAX_MAGNITUDE = 1e6
 
 
 def valid_clock(x, limit: float = MAX_CLOCK) -> bool:
@@ -58,9 +61,19 @@ def validate_hidden_request(meta, tensors, shape: RequestShape) -> tuple[int, to
         raise ValueError(f"hidden must be float [<= {n}, {seq}, {hid}], got {getattr(hidden, 'dtype', None)} "
                          f"{tuple(getattr(hidden, 'shape', ()))}")
     _check_labels(labels, tuple(hidden.shape[:2]), shape.vocab)
-    if not torch.isfinite(hidden).all():
-        raise ValueError("non-finite activations")
-    return hidden.shape[0], hidden.float() if hidden.dtype != torch.float32 else hidden, labels.long()
+    hidden = checked_values(hidden, "activations")
+    return hidden.shape[0], hidden, labels.long()
+
+
+def checked_values(t: torch.Tensor, what: str) -> torch.Tensor:
+    """`t` as fp32 (the compute dtype), finite and within ±MAX_MAGNITUDE there: checked after the conversion, since
+    float64 1e300 becomes inf and float32 3e38 makes the next LayerNorm return NaN."""
+    t = t.float()
+    if not torch.isfinite(t).all():
+        raise ValueError(f"non-finite {what} (in fp32)")
+    if t.numel() and float(t.abs().max()) > MAX_MAGNITUDE:
+        raise ValueError(f"{what} beyond ±{MAX_MAGNITUDE:g}")
+    return t
 
 
 def validate_token_request(meta, tensors, shape: RequestShape) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ import asyncio
 import math
 
 import msgpack
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -132,3 +133,28 @@ def test_fuzz_totals():
     total = COUNTS["accepted"] + COUNTS["rejected"]
     print(f"fuzz cases: {total} ({COUNTS['rejected']} rejected with a clear error, {COUNTS['accepted']} well-formed)")
     assert total >= 2000 and COUNTS["rejected"] >= 1000 and COUNTS["accepted"] >= 30
+
+
+def test_values_are_checked_after_conversion_to_the_compute_dtype():
+    """float64 1e300 is finite but inf in fp32; float32 3e38 is finite but makes LayerNorm return NaN: both refused,
+    as is anything beyond ±MAX_MAGNITUDE; ordinary values (outlier features of a few thousand) pass."""
+    from swarm_peer.model import build_stage
+    from swarm_peer.config import load_config
+    from tests.swarm_harness import FAST
+
+    labels = torch.zeros(1, 4, dtype=torch.int64)
+    for value, dtype in ((1e300, torch.float64), (3e38, torch.float32), (2e6, torch.float32)):
+        hidden = torch.zeros(1, 4, 3, dtype=dtype)
+        hidden[0, 0, 0] = value
+        with pytest.raises(ValueError, match="non-finite|beyond"):
+            validate_hidden_request({"mb": "x"}, [hidden, labels], SHAPE)
+    ok = torch.zeros(1, 4, 3, dtype=torch.float64)
+    ok[0, 0, 0] = 3000.0
+    assert validate_hidden_request({"mb": "x"}, [ok, labels], SHAPE)[1].dtype == torch.float32
+    # what the guard protects: a float32 value of 3e38 through a real stage's LayerNorm is NaN
+    cfg = load_config(None, [*FAST, "swarm.num_stages=2"])
+    stage = build_stage(cfg, 1)
+    x = torch.zeros(1, 32, 64)
+    x[0, 0, 0] = 3e38
+    with torch.no_grad():
+        assert not torch.isfinite(stage(x)).all()

@@ -172,6 +172,9 @@ def test_private_swarm_compressed_wire_and_malformed_requests(swarm_factory, tmp
             ({"mb": "x"}, [torch.zeros(2, 31, 64), good_labels]),  # wrong seq_len
             ({"mb": "x"}, [torch.zeros(2, 32, 65), good_labels]),  # wrong hidden size
             ({"mb": "x"}, [torch.full((2, 32, 64), float("nan")), good_labels]),  # non-finite
+            ({"mb": "x"}, [torch.full((2, 32, 64), 1e300, dtype=torch.float64), good_labels]),  # inf in fp32
+            ({"mb": "x"}, [torch.full((2, 32, 64), 3e38), good_labels]),  # finite, but LayerNorm would give NaN
+            ({"mb": "x", "clock": -1}, [torch.zeros(2, 32, 64), good_labels]),  # a run clock out of range
             ({"mb": "x"}, [torch.zeros(2, 32, 64), torch.full((2, 32), 10**6, dtype=torch.int32)]),  # bad labels
             ({"mb": "x"}, [torch.zeros(9, 32, 64), torch.zeros(9, 32, dtype=torch.int32)]),  # too many samples
             ({"mb": 5}, [torch.zeros(2, 32, 64), good_labels]),  # bad metadata
