@@ -245,7 +245,8 @@ class StageSync:
             if self.outer:
                 self.outer.step(delta)
                 self.outer.load_into(self.trainer.params)
-                self.trainer.clock = clock
+                # a peer done training keeps its clock at the run's end: it only pulls late groupmates forward
+                self.trainer.clock = clock if self.training else max(self.trainer.clock, clock)
             else:
                 self.trainer.set_gradients(delta)
             return norm
