@@ -65,7 +65,6 @@ class StageWorker:
         self.announcer = Announcer(dht, run_id, subkey, cfg.swarm.record_ttl)
         self.router = Router(cfg.data.microbatch_size, max_timeout=cfg.swarm.request_timeout)
         self.sync = StageSync(cfg, stage, dht, run_id, self.trainer, self.compute, self.fingerprint, swarm_key)
-        self.sync.refresh = self._refresh_stage
         self._sync_waiters: list[asyncio.Future] = []  # callers waiting for a round run by the stepper
         self.address, self.val_batches = address[:256], list(val_batches)
         self.checkpoint_dir: str | None = None  # set by the CLI (--checkpoint-dir)

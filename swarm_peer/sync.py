@@ -37,8 +37,7 @@ from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, tensors_hash
 from swarm_peer.records import StageRecord
-from swarm_peer.sync_rules import (Progress, choose_donors, expected_state, group_clock, majority_hash, round_bits,
-                                   round_due, state_problem)
+from swarm_peer.sync_rules import Progress, choose_donors, group_clock, majority_hash, round_bits, round_due
 
 log = logging.getLogger("swarm_peer")
 
@@ -61,7 +60,6 @@ class StageSync:
         self.recoveries: list[dict] = []
         self.averager = None
         self.clock_pending = False
-        self.refresh = None  # blocking: re-read the stage's records into `others` (set by the worker)
         if self.mode != "none":
             sw = cfg.swarm
             self.buffers = [torch.zeros(p.shape, dtype=torch.float32) for p in trainer.params]
@@ -311,28 +309,20 @@ class StageSync:
             log.warning(f"could not download the stage state from {len(donors)} donor(s); will retry")
             return False
         meta, tensors = result
-        shapes = [p.shape for p in self.trainer.params]
-        expected = expected_state(donors, self.others)
-        problem = "no record vouches for it" if expected is None else state_problem(meta, tensors, expected, shapes, self.mode)
-        if problem and self.refresh and expected is not None and isinstance(meta, dict) and meta.get("round", -1) != expected["round"]:
-            # the donors may have moved on since we read their records (sync mode steps every few tenths of a
-            # second): read them again and check against what they publish now
-            await loop.run_in_executor(None, self.refresh)
-            expected = expected_state(donors, self.others)
-            problem = "no record vouches for it" if expected is None else state_problem(
-                meta, tensors, expected, shapes, self.mode)
-        if problem:
-            log.warning(f"downloaded stage state refused ({problem}); discarded")
+        n = len(self.trainer.params)
+        if not isinstance(meta, dict) or meta.get("mode") != self.mode or not isinstance(meta.get("round"), int) \
+                or meta["round"] < 0 or tensors_hash(tensors[:n]) != meta.get("hash"):
+            log.warning("downloaded stage state is inconsistent (hash or metadata); discarded")
             return False
         # the run clock: the donors' published ones and the one served, by median (one donor cannot set it alone)
         claims = {o.peer_id: {"clock": o.clock} for o in self.others if o.peer_id in donors}
         clock = group_clock({**claims, "served": {"clock": meta.get("clock")}}, self.trainer.clock, self.cfg.run.max_steps)
         await self.compute.run(STEP, lambda: self._apply_state(meta, tensors, clock))
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        event = {"reason": reason, "round": meta["round"], "hash": expected["hash"], "clock": clock, "donors": len(donors),
+        event = {"reason": reason, "round": meta["round"], "hash": meta["hash"], "clock": clock, "donors": len(donors),
                  "bytes": nbytes, "seconds": time.monotonic() - t0}
         self.recoveries.append(event)
-        log.warning(f"stage state recovered ({reason}): round {meta['round']}, run step {clock:g}, weights {expected['hash']}, "
+        log.warning(f"stage state recovered ({reason}): round {meta['round']}, run step {clock:g}, weights {meta['hash']}, "
                     f"{nbytes / 2**20:.1f} MiB from {len(donors)} donor(s) in {event['seconds']:.1f}s")
         return True
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
-
 from swarm_peer.records import StageRecord
 from swarm_peer.validation import valid_clock
 
@@ -103,44 +101,3 @@ def format_round(m: dict) -> str:
 def round_bits(r: int) -> str:
     """Group key bits: only peers in the same round (mod 2^16) can form a group."""
     return format(r % 65536, "016b")
-
-
-def expected_state(donors: list[str], others: list[StageRecord]) -> dict | None:
-    """What a state downloaded from `donors` must be: the hash most of them publish and its round (None: no record)."""
-    recs = [o for o in others if o.peer_id in donors]
-    if not recs:
-        return None
-    best = majority_hash([(o.global_hash, o.peer_id) for o in recs])
-    return {"hash": best, "round": max(o.round for o in recs if o.global_hash == best)}
-
-
-MAX_COUNTER = 10**12  # adam_steps / inner_step a state may claim
-
-
-def state_problem(meta, tensors: list, expected: dict, shapes: list, mode: str) -> str | None:
-    """Why a downloaded stage state must not be applied (None: it may). It must be the state the donors' records
-    vouch for (`expected_state`: the majority hash, checked on the weights received, not the donor's word), with
-    exactly the stage's tensors, all finite, and counters in range. `shapes`: this stage's parameter shapes."""
-    from swarm_peer.diloco import tensors_hash
-
-    if not isinstance(meta, dict) or meta.get("mode") != mode:
-        return "metadata of another sync mode"
-    if type(meta.get("round")) is not int or meta["round"] != expected["round"]:
-        return f"round {meta.get('round')!r}, the donors' records say {expected['round']}"
-    want = [*shapes] * (2 if mode == "diloco" else 3)  # diloco: global + momentum; sync: weights + AdamW moments
-    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(want) or any(
-            not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(s)
-            for t, s in zip(tensors, want)):
-        return "tensors of the wrong number, type or shape"
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        return "non-finite values"
-    n = len(shapes)
-    if tensors_hash(list(tensors[:n])) != expected["hash"]:
-        return "weights differ from the stage majority's hash"
-    if mode == "sync":
-        for name in ("adam_steps", "inner_step"):
-            if type(meta.get(name, 0)) is not int or not 0 <= meta.get(name, 0) <= MAX_COUNTER:
-                return f"{name} out of range"
-        if any(bool((t < 0).any()) for t in tensors[2 * n:]):
-            return "negative second moments"
-    return None
