@@ -409,6 +409,8 @@ class StageWorker:
                 done = step  # a joiner does not evaluate the state it downloaded before training it
             if step != done and ((every and step // every > done // every) or step >= max_steps):
                 done = step
+                step = step if step >= max_steps else step // every * every  # the interval crossed (a round may
+                # have moved the clock past it): every peer's evaluation of it carries the same step
                 loss = await self.evaluate()
                 if loss is not None:
                     self.telemetry.on_eval(step, loss)
