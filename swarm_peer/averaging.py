@@ -88,8 +88,8 @@ class ValueAllReduceRunner(AllReduceRunner):
                 message = await loop.run_in_executor(None, self._result, part_index, averaged)
                 container.register_processed_part(peer_index, part_index, deserialize_torch_tensor(message))
             return
+        shapes, part_index = [part.shape for part, _ in container._input_parts_by_peer[peer_index]], 0
         try:
-            shapes = [part.shape for part, _ in container._input_parts_by_peer[peer_index]]
             done_sending = asyncio.Event()
 
             async def inputs():
@@ -101,7 +101,6 @@ class ValueAllReduceRunner(AllReduceRunner):
             stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs())
             if self.should_delay_results(self.peer_id):
                 await done_sending.wait()
-            part_index = 0
             async for message in aiter_with_timeout(stream, self.reducer_timeout):
                 if message.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(message.code)}")
@@ -116,7 +115,7 @@ class ValueAllReduceRunner(AllReduceRunner):
                 raise AllreduceException(f"reducer {peer_id} sent {part_index} of {len(shapes)} parts")
         except BaseException as e:
             if isinstance(e, Exception):
-                log.debug(f"averaging: reducer {peer_id} failed: {e!r}")
+                log.warning(f"averaging: reducer {str(peer_id)[-8:]} failed after {part_index} of {len(shapes)} parts: {e!r}")
             container.register_failed_reducer(peer_index)
             raise
 
@@ -145,6 +144,8 @@ class ValueAllReduceRunner(AllReduceRunner):
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=result)
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
+                log.warning(f"averaging: sender {sender_index} stopped after {part_index} of "
+                            f"{self.tensor_part_reducer.num_parts} parts")
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 

@@ -73,6 +73,7 @@ class StageWorker:
         self.telemetry = PeerTelemetry(self, metrics_period)
         self._recover_wanted = False
         self._recovery_given_up = -1  # the round in which recovery last failed for good
+        self._recovering = asyncio.Lock()
         self.window: GradientWindow | None = None  # created on the loop
         self.state = "online"
         self.stop_event: asyncio.Event | None = None
@@ -192,9 +193,11 @@ class StageWorker:
 
     async def finish_with_stage(self) -> None:
         """Done training: stay in the stage's rounds (idle) until none of its peers trains any more, then run a final
-        round if any work is unmerged. So every peer of a stage ends on the same global model."""
+        round if any work is unmerged (DiLoCo). So every peer of a stage ends on the same global model."""
         self.state, self.sync.training = "idle", False
         await self._publish_now()
+        if self.sync.mode == "sync":  # every step had its round: nothing to merge, but a mate may have to recover
+            return await self._linger_for_laggards()
         deadline = time.monotonic() + self.cfg.swarm.finish_timeout
         while time.monotonic() < deadline and not self.stop_event.is_set():
             await self._in_thread(self._refresh_stage)
@@ -211,14 +214,23 @@ class StageWorker:
         log.warning(f"stage {self.stage}: stage peers still training after {self.cfg.swarm.finish_timeout:g}s; leaving")
 
     async def _linger_for_laggards(self) -> None:
-        """Before leaving: a stage peer still in an older round (its end of the last all-reduce failed, e.g. our reply
-        stream was cut) recovers from us, so we keep serving our state until it has caught up (bounded)."""
+        """Before leaving, end on the stage's model (bounded): a stage peer whose end of the last all-reduce failed
+        (e.g. our reply stream was cut) recovers from us, so we keep serving our state until it has; if our own end
+        failed, we recover from a mate that completed it."""
         deadline = time.monotonic() + self.cfg.swarm.averaging_timeout + 2 * self.cfg.swarm.record_ttl
         while time.monotonic() < deadline and not self.stop_event.is_set():
-            if not any(o.round < self.sync.progress.round for o in self.sync.others):
+            if self._disagrees():
+                await self._recover(behind=False)
+            if not any(self._waits_for(o) for o in self.sync.others):
                 return
             await asyncio.sleep(0.5)
             await self._in_thread(self._refresh_stage)
+
+    def _waits_for(self, other: StageRecord) -> bool:
+        mine = self.sync.progress
+        if mine.round_ok:  # we can serve the stage's model: laggards recover from us
+            return other.round < mine.round or (other.round == mine.round and not other.round_ok)
+        return other.round < mine.round and other.round_ok  # it may complete the round we failed: then we recover
 
     def _disagrees(self) -> bool:
         """Our weights differ from the stage majority's and recovery has not already failed for good this round."""
@@ -228,6 +240,10 @@ class StageWorker:
         """Download the stage's state (we are behind it, or our weights disagree with its majority), retrying with
         backoff while donors fail or none is visible; then go on with this peer's own state, not voting
         (round_ok false), rather than never step again."""
+        async with self._recovering:  # the stepper and the end of the run may both want it
+            return await self._recover_once(behind)
+
+    async def _recover_once(self, behind: bool) -> bool:
         reason = "behind the stage" if behind else "weights disagree"
         for attempt in range(RECOVERY_TRIES):
             donors = self.sync.donors() or (self.sync.top_peers() if behind else [])
@@ -430,7 +446,7 @@ class StageWorker:
                 await self._in_thread(self._refresh_stage)
                 self.sync.catch_up_clock()
             averaged = None
-            if self.sync.mode == "sync" and (completed > 0 or self.sync.others):
+            if self.sync.mode == "sync" and self.sync.training and (completed > 0 or self.sync.others):
                 self.window.close()  # queued requests get "busy" now instead of timing out during the round
                 averaged = await self.sync.run_round(completed, self._refresh_stage, self._publish_now)
                 self._recover_wanted |= averaged is None
@@ -575,7 +591,7 @@ class StageWorker:
                     if self.window.admitted == 0:
                         break
                     await asyncio.sleep(0.1)
-            if self.sync.mode == "diloco" and not self.stop_event.is_set():
+            if self.sync.mode != "none" and not self.stop_event.is_set():
                 await self.finish_with_stage()
         finally:
             self.wall = time.monotonic() - self.started

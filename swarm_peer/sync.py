@@ -37,7 +37,7 @@ from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, tensors_hash
 from swarm_peer.records import StageRecord
-from swarm_peer.sync_rules import Progress, choose_donors, group_clock, majority_hash, round_bits, round_due
+from swarm_peer.sync_rules import Progress, choose_donors, group_clock, group_hash, round_bits, round_due
 
 log = logging.getLogger("swarm_peer")
 
@@ -147,7 +147,8 @@ class StageSync:
             others = refresh()
             if any(o.round > r and o.round_ok for o in others):
                 return None, "behind"
-            joinable = [o for o in others if o.round in (r - 1, r)]  # r - 1: about to publish round r
+            # r - 1: about to publish round r. Sync mode: a mate done training (idle) steps no more
+            joinable = [o for o in others if o.round in (r - 1, r) and (self.outer or o.state == "online")]
             if not joinable:
                 # laggards further back recover from us instead. But a stage mate in this round whose record merely
                 # went quiet (an overloaded host, a slow DHT) may be averaging with others right now: a lone step
@@ -164,8 +165,8 @@ class StageSync:
             budget = min(deadline - time.monotonic(), 3 * self.cfg.swarm.matchmaking_time + 1)
             if budget <= self.cfg.swarm.matchmaking_time:
                 break
-            control = self.averager.step(weight=weight, gather={"round": r, "hash": self.progress.global_hash, "clock": clock},
-                                         timeout=budget, allow_retries=False, wait=False)
+            mine = {"round": r, "hash": self.progress.global_hash, "clock": clock, "ok": self.progress.round_ok}
+            control = self.averager.step(weight=weight, gather=mine, timeout=budget, allow_retries=False, wait=False)
 
             def give_up():
                 now = refresh()
@@ -211,8 +212,8 @@ class StageSync:
         group_ok = True
         if averaged:  # the group goes on at one run clock, so its members use one lr (sync mode: this very step)
             clock = group_clock(gathered, clock, self.cfg.run.max_steps)
-            votes = [(v.get("hash", ""), p) for p, v in gathered.items() if isinstance(v, dict)]
-            group_ok = majority_hash(votes) == self.progress.global_hash if votes else True
+            started_from = group_hash(gathered)
+            group_ok = started_from is None or started_from == self.progress.global_hash
             if not group_ok:
                 log.warning(f"stage round {r}: groupmates started from other weights; this peer's result won't vote")
 

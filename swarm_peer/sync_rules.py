@@ -58,6 +58,16 @@ def majority_hash(votes: list[tuple[str, str]]) -> str:
     return min(counts, key=lambda h: (-counts[h], min(p for v, p in votes if v == h)))
 
 
+def group_hash(gathered: dict) -> str | None:
+    """The hash a group started from, by majority of the members that held the stage's model (`ok`: their last round
+    agreed): a member whose end of the previous all-reduce failed joins with other weights and must not outvote,
+    nor tie, the rest. All members count when none says so (None: nobody sent a hash)."""
+    members = [(v.get("hash", ""), p, v.get("ok") is not False) for p, v in gathered.items() if isinstance(v, dict)]
+    if not members:
+        return None
+    return majority_hash([(h, p) for h, p, ok in members if ok] or [(h, p) for h, p, _ in members])
+
+
 def choose_donors(me_id: str, me: Progress, others: list[StageRecord]) -> list[str]:
     """Peers to download the stage state from; [] when mine is the stage's (or nobody can tell)."""
     voters = [r for r in others if r.round_ok]

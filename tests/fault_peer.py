@@ -6,8 +6,9 @@ Usage (the harness's `prefix`): python tests/fault_peer.py <python> -m swarm_pee
   SWARM_TEST_FAULTS=a,b,...   refuse_state      never serve the stage state (a donor that is unreachable)
                               perturb_round=R   after completing round R, this peer's global weights are nudged
                                                 (a replica that went wrong: it must recover or go on, not stall)
-                              fail_after_allreduce=R  this peer's side of round R's all-reduce fails after
-                                                the groupmates have completed it (a reply lost at the very end)
+                              fail_after_allreduce=R[+R...]  this peer's side of round R's all-reduce fails after
+                                                the groupmates have completed it (a reply lost at the very end);
+                                                R = "end": every round at the run's end (clock >= --max-steps - 1)
                               guard_averager    report any use of the averager's tensors (its lock) on the compute
                                                 thread: a line "AVERAGER LOCK ON THE COMPUTE THREAD" in the log
 """
@@ -50,11 +51,14 @@ if "fail_after_allreduce" in faults:
     from swarm_peer.averaging import StageAverager
 
     _run = StageAverager._run_allreduce_inplace_
-    failing_round = int(faults["fail_after_allreduce"])
+    failing = faults["fail_after_allreduce"].split("+")
+    rounds = {int(r) for r in failing if r != "end"}
+    end = float(sys.argv[sys.argv.index("--max-steps") + 1]) if "end" in failing else None
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         await _run(self, tensors, group_info, group_id, **kwargs)  # the groupmates get everything and complete
-        if self._my_gathered(group_info).get("round") == failing_round:
+        mine = self._my_gathered(group_info)
+        if mine.get("round") in rounds or (end is not None and mine.get("clock", 0) >= end - 1):
             raise AllreduceException("test fault: this side failed after the all-reduce")
 
     StageAverager._run_allreduce_inplace_ = _run_allreduce_inplace_

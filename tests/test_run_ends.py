@@ -11,7 +11,7 @@ from swarm_peer.records import make_validators
 from tests.conftest import PYTHON, ROOT
 
 pytestmark = pytest.mark.slow
-FAILING_ROUND = 3
+FAILING_ROUND = 10  # late enough that b, started with a, takes part in it even on a loaded machine
 
 
 def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
@@ -21,8 +21,9 @@ def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
         swarm.bootstrap = str(boot.get_visible_maddrs()[0])  # both peers start together (the monitor's role)
         swarm.start("a", 0, "--max-steps", "80")
         # b's side of round 3's all-reduce fails after a has completed it: b must not retry that round with others
-        # (a second "agreed" result), nor vote; it recovers a's state (tests/fault_peer.py)
-        swarm.start("b", 0, "--max-steps", "80", env={"SWARM_TEST_FAULTS": f"fail_after_allreduce={FAILING_ROUND}"},
+        # (a second "agreed" result), nor vote; it recovers a's state (tests/fault_peer.py). So does b's side of
+        # the last round: a stays until b has recovered, and both end on one model
+        swarm.start("b", 0, "--max-steps", "80", env={"SWARM_TEST_FAULTS": f"fail_after_allreduce={FAILING_ROUND}+end"},
                     prefix=(PYTHON, str(ROOT / "tests" / "fault_peer.py")))
         # a stage mate in another sync mode (same model): named in a warning, never averaged with
         swarm.start("c", 0, "--max-steps", "80", "--set", "swarm.sync_mode=sync")
@@ -44,6 +45,9 @@ def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
     # every round that a peer completed as agreed left one hash: b's failed side neither retried nor voted
     failed = [r for r in b["sync"]["rounds"] if r["round"] == FAILING_ROUND]
     assert failed and not failed[0]["ok"] and "not retried" in failed[0]["outcome"], failed
+    last = b["sync"]["rounds"][-1]  # its end of every round at the run's end failed too; it recovered after the last
+    assert not last["ok"] and "not retried" in last["outcome"] and last["clock"] >= 79, b["sync"]["rounds"][-3:]
+    assert b["sync"]["recoveries"][-1]["round"] == last["round"] + 1, b["sync"]["recoveries"]
     hashes = {}
     for s in (a, b):
         for r in s["sync"]["rounds"]:

@@ -1,7 +1,7 @@
 """The pure decisions of sync.py: when a round is due, which hash is the stage's, whom to download from."""
 from swarm_peer.records import StageRecord
 from swarm_peer.routing import Candidate, Router
-from swarm_peer.sync_rules import Progress, choose_donors, majority_hash, mismatched_mates, round_bits, round_due, stage_peers
+from swarm_peer.sync_rules import Progress, choose_donors, group_hash, majority_hash, mismatched_mates, round_bits, round_due, stage_peers
 
 H1, H2, H3 = "1111111111111111", "2222222222222222", "3333333333333333"
 
@@ -36,6 +36,15 @@ def test_majority_and_ties():
     assert majority_hash([(H1, "c"), (H2, "a"), (H1, "b")]) == H1
     assert majority_hash([(H1, "c"), (H2, "a")]) == H2  # tie: the smallest peer id's hash, the same for everyone
     assert majority_hash([(H3, "z")]) == H3
+
+
+def test_group_hash_counts_members_that_held_the_stage_model():
+    # a member whose end of the previous all-reduce failed joins with other weights: it neither outvotes nor ties
+    assert group_hash({"a": {"hash": H2, "ok": False}, "b": {"hash": H1, "ok": True}}) == H1
+    assert group_hash({"a": {"hash": H2, "ok": False}, "b": {"hash": H1}}) == H1  # no "ok": counted as holding it
+    assert group_hash({"a": {"hash": H2, "ok": False}, "b": {"hash": H1, "ok": False}}) == H2  # nobody: all count
+    assert group_hash({"a": {"hash": H1}, "b": {"hash": H2}, "c": {"hash": H2}}) == H2
+    assert group_hash({"a": "garbage"}) is None and group_hash({}) is None
 
 
 def test_choose_donors():
