@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from swarm_peer.records import make_validators, read_stage_records
 
     num_stages, period = cfg.swarm.num_stages, cfg.run.metrics_period
-    dht = start_dht(args, make_validators(args.run_id, num_stages))
+    dht = start_dht(args, make_validators(args.run_id, num_stages, args.identity.key))
     run = None
     if args.wandb_project or cfg.run.wandb_project:
         from swarm_peer.wandb_log import open_run

@@ -75,6 +75,12 @@ def check_network_args(args) -> None:
         args.swarm_key = SwarmKey.from_file(args.swarm_key_file) if args.swarm_key_file else None
     except SwarmKeyError as e:
         raise _fail(f"--swarm-key-file: {e}")
+    from swarm_peer.identity import Identity, IdentityError
+
+    try:
+        args.identity = Identity(args.identity_path)  # its key signs this peer's records too (identity.py)
+    except IdentityError as e:
+        raise _fail(f"--identity-path: {e}")
 
 
 def _is_loopback(maddr) -> bool:
@@ -100,11 +106,13 @@ def start_dht(args, validators, quiet: bool = False):
     key = getattr(args, "swarm_key", None)
     if key is not None:
         validators = list(validators) + [SwarmKeyValidator(key)]
-    dht = hivemind.DHT(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
-                       announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
-                       client_mode=args.client_mode, record_validators=validators, start=True,
-                       startup_timeout=30, authorizer=SwarmKeyAuthorizer(key) if key is not None else None,
-                       ensure_bootstrap_success=False)  # its check refuses clocks 3 s apart; swarm_time corrects them
+    with args.identity.p2pd_file() as identity_path:
+        dht = hivemind.DHT(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
+                           announce_maddrs=args.announce_maddrs, identity_path=identity_path,
+                           check_if_identity_free=args.identity_path is not None,  # a fresh key is free
+                           client_mode=args.client_mode, record_validators=validators, start=True,
+                           startup_timeout=30, authorizer=SwarmKeyAuthorizer(key) if key is not None else None,
+                           ensure_bootstrap_success=False)  # its check refuses clocks 3 s apart; swarm_time fixes them
     if args.initial_peers and swarm_time.synchronize(dht) is None:
         dht.shutdown()
         raise _fail(f"none of --initial-peers answered over the DHT ({', '.join(args.initial_peers)}): "
@@ -205,7 +213,7 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     corpus = load_corpus(cfg) if args.stage == 0 else None  # before joining: a bad data source fails fast
-    validators = make_validators(args.run_id, cfg.swarm.num_stages)
+    validators = make_validators(args.run_id, cfg.swarm.num_stages, args.identity.key)
     dht = start_dht(args, validators)
     loop = worker = None
     try:

@@ -6,7 +6,9 @@ Keys (raw strings, `run_id` prefixed so several swarms share one DHT):
   {run_id}_metrics{i} subkey = the peer's RSA public key, value = MetricRecord: what the peer did in the last
                       metrics window (what the monitor and `status` aggregate).
 
-Every peer (the monitor and the CLI tools too) must run the same validators: `make_validators`.
+Every peer (the monitor and the CLI tools too) must run the same validators: `make_validators`. A record counts only
+for the peer id of the key that signed it (identity.py: a peer's libp2p identity is its record-signing key); readers
+drop the others.
 Records are refreshed every `swarm.announce_period` seconds and expire after `swarm.record_ttl`; a leaving peer
 overwrites its record with state "offline" (a DHT value cannot be deleted, only superseded by a later expiration).
 """
@@ -22,6 +24,8 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm_peer.identity import speaks_for
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 STATES = ("online", "idle", "finished", "offline")  # idle: done training, still syncing with its stage
@@ -136,11 +140,13 @@ def _read(dht, key: str, schema, stage: int, timeout: float) -> list[PeerInfo]:
         return []
     now = get_dht_time()
     peers = []
-    for entry in found.value.values():
+    for subkey, entry in found.value.items():
         try:
             rec = schema.parse_obj(entry.value)
         except (pydantic.ValidationError, TypeError):
             continue  # validators reject malformed stores; this guards against anything that slipped through
+        if not speaks_for(subkey, rec.peer_id):
+            continue  # signed by another key than the claimed peer's: a copy or a made-up peer id (identity.py)
         if entry.expiration_time > now and rec.stage == stage:
             peers.append(PeerInfo(rec, entry.expiration_time))
     return peers

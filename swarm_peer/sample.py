@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not tokens:
         raise _fail("--prompt is empty after tokenization")
     args.client_mode = True
-    dht = start_dht(args, make_validators(args.run_id, cfg.swarm.num_stages), quiet=True)
+    dht = start_dht(args, make_validators(args.run_id, cfg.swarm.num_stages, args.identity.key), quiet=True)
     loop = LoopThread()
     rng, pick = torch.Generator().manual_seed(args.seed), random.Random(args.seed)
     seq, fingerprint, new = cfg.data.seq_len, stage_fingerprint(cfg, 0), []

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from swarm_peer.records import make_validators
 
     args.client_mode = True  # a look, not a member
-    dht = start_dht(args, make_validators(args.run_id, cfg.swarm.num_stages), quiet=True)
+    dht = start_dht(args, make_validators(args.run_id, cfg.swarm.num_stages, args.identity.key), quiet=True)
     try:
         report = collect(dht, args.run_id, cfg.swarm.num_stages, cfg.swarm.record_ttl)
     finally:

@@ -23,6 +23,8 @@ from tests.conftest import PYTHON, ROOT
      "--max-new-tokens"),
     (["monitor", "--set", "run.metrics_period=0"], "run.metrics_period"),
     (["monitor", "--run-id", "bad.id"], "--run-id"),
+    (["--stage", "0", "--identity-path", "README.md"], "--identity-path"),  # not a key file
+    (["--stage", "0", "--identity-path", "no-such-dir/id.key"], "--identity-path"),
 ])
 def test_peer_cli_bad_input_exits_2(args, needle):
     proc = subprocess.run([PYTHON, "-m", "swarm_peer", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -4,6 +4,7 @@ from hivemind import DHT
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm_peer.identity import Identity, IdentityError, load_identity, signer_peer_id
 from swarm_peer.records import StageRecord, local_public_key, make_validators, read_stage_records, stage_key
 
 pytestmark = pytest.mark.slow
@@ -21,13 +22,20 @@ def _record(peer_id: str, **changes) -> StageRecord:
     return StageRecord(**fields)
 
 
+def _dht(identity: Identity, **kwargs) -> DHT:
+    """A DHT whose peer id is `identity`'s, as the CLI starts them (its key signs its records too)."""
+    with identity.p2pd_file() as path:
+        return DHT(start=True, record_validators=make_validators(RUN, 2, identity.key), identity_path=path,
+                   check_if_identity_free=False, host_maddrs=["/ip4/127.0.0.1/tcp/0"], **kwargs)
+
+
 @pytest.fixture
 def two_dhts():
-    va = make_validators(RUN, 2, RSAPrivateKey())
-    vb = make_validators(RUN, 2, RSAPrivateKey())
-    a = DHT(start=True, record_validators=va, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    b = DHT(start=True, record_validators=vb, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-            initial_peers=[str(m) for m in a.get_visible_maddrs()])
+    ia, ib = Identity(), Identity()
+    a = _dht(ia)
+    b = _dht(ib, initial_peers=[str(m) for m in a.get_visible_maddrs()])
+    va, vb = make_validators(RUN, 2, ia.key), make_validators(RUN, 2, ib.key)
+    assert (str(a.peer_id), str(b.peer_id)) == (ia.peer_id, ib.peer_id)
     try:
         yield (a, va), (b, vb)
     finally:
@@ -61,6 +69,37 @@ def test_forged_and_malformed_records_are_rejected(two_dhts):
         peers = {p.peer_id: p.record for p in read_stage_records(reader, RUN, 1)}
         assert set(peers) == {str(a.peer_id), str(b.peer_id)}
         assert peers[str(a.peer_id)].throughput == 10.0  # the forgery did not land
+
+
+def test_a_record_counts_only_for_the_peer_whose_key_signed_it(two_dhts):
+    """An outsider (its own valid key) re-publishes a copy of A's record, and one claiming a made-up peer id, with a
+    huge round and a fake hash: both are stored (its signature is fine) but every reader ignores them."""
+    (a, va), (b, vb) = two_dhts
+    key, exp = stage_key(RUN, 1), get_dht_time() + 30
+    assert a.store(key, _record(str(a.peer_id)).dict(), exp, subkey=local_public_key(va))
+    forged = dict(round=10**6, round_ok=True, global_hash="feedfacefeedface", throughput=1e6)
+    assert b.store(key, _record(str(a.peer_id), **forged).dict(), exp + 1, subkey=local_public_key(vb))
+    for reader in (a, b):
+        records = read_stage_records(reader, RUN, 1)
+        assert [(p.peer_id, p.record.round) for p in records] == [(str(a.peer_id), 0)]
+    assert b.store(key, _record("12D3KooWMadeUpPeerIdMadeUpPeerIdMadeUpPeerIdMade", **forged).dict(), exp + 2,
+                   subkey=local_public_key(vb))  # supersedes its copy (one value per subkey)
+    for reader in (a, b):
+        records = read_stage_records(reader, RUN, 1)
+        assert [(p.peer_id, p.record.round) for p in records] == [(str(a.peer_id), 0)]
+    assert signer_peer_id(local_public_key(vb)) == str(b.peer_id) and signer_peer_id(b"[owner:garbage]") is None
+
+
+def test_identity_files(tmp_path):
+    path = tmp_path / "id.key"
+    first = Identity(str(path))  # created: a stable peer id from then on
+    assert path.exists() and Identity(str(path)).peer_id == first.peer_id
+    assert load_identity(str(path)).to_bytes() == first.key.to_bytes()
+    (tmp_path / "junk.key").write_bytes(b"not a key")
+    with pytest.raises(IdentityError, match="not a libp2p private key"):
+        Identity(str(tmp_path / "junk.key"))
+    with pytest.raises(IdentityError, match="cannot create"):
+        Identity(str(tmp_path / "missing-dir" / "id.key"))
 
 
 def test_unknown_keys_of_the_run_are_rejected_and_run_id_checked(two_dhts):
