@@ -112,18 +112,19 @@ def load_raw(out: Path) -> dict:
 
 def run_swarm(out: Path, config: str, overrides: list[str], steps: int, timeout: float, stages: int = 2,
               peers: int = 2) -> dict:
-    """S stages x P peers on 127.0.0.1; later stages first (stage 0 finds a pipeline), stage-0 peer k reads shard
-    k/P. Waits for every peer to exit by itself (bounded by `timeout`); all must exit 0."""
+    """S stages x P peers on 127.0.0.1; stage-0 peer k reads shard k/P. Stage 0 starts first and its peers wait
+    for a pipeline, so they all train from the first step (a tiny run is over before a late starter is up); then the
+    later stages. Waits for every peer to exit by itself (bounded by `timeout`); all must exit 0."""
     out.mkdir(parents=True, exist_ok=True)
     run_id = f"exp-{os.getpid()}-{int(time.time() * 1000) % 10**9}"
     common = ["-m", "swarm_peer", "--config", config, *_sets(overrides), "--run-id", run_id,
               "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--max-steps", str(steps)]
-    names = [f"stage{s}_peer{p}" for s in range(stages - 1, -1, -1) for p in range(peers)]
+    names = [f"stage{s}_peer{p}" for s in range(stages) for p in range(peers)]
     t0 = time.monotonic()
     deadline = t0 + timeout
     with Procs() as procs:
         boot: list[str] = []
-        for s in range(stages - 1, -1, -1):
+        for s in range(stages):
             for p in range(peers):
                 n = f"stage{s}_peer{p}"
                 extra = ["--data-shard", f"{p}/{peers}"] if s == 0 else []
@@ -134,6 +135,8 @@ def run_swarm(out: Path, config: str, overrides: list[str], steps: int, timeout:
                     boot = [_wait_ready(procs, n, out, min(deadline, time.monotonic() + 120))]
             for p in range(peers):
                 _wait_ready(procs, f"stage{s}_peer{p}", out, min(deadline, time.monotonic() + 120))
+                if s == 0:  # announced in the stage (it waits for stage 1 now)
+                    _wait_line(procs, f"stage0_peer{p}", out, "serving layers", min(deadline, time.monotonic() + 120))
         for n in names:
             try:
                 rc = procs.procs[n].wait(max(0.1, deadline - time.monotonic()))
@@ -143,6 +146,17 @@ def run_swarm(out: Path, config: str, overrides: list[str], steps: int, timeout:
                 raise RuntimeError(f"{n} exited {rc}:\n{_tail(out / f'{n}.log')}")
     return _save_raw(out, {"kind": "swarm", "process_wall_s": time.monotonic() - t0, "peers": peers,
                            "stages": stages})
+
+
+def _wait_line(procs: Procs, name: str, out: Path, text: str, deadline: float) -> None:
+    log = out / f"{name}.log"
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        if procs.procs[name].poll() is not None:
+            raise RuntimeError(f"{name} died at startup:\n{_tail(log)}")
+        time.sleep(0.2)
+    raise RuntimeError(f"{name} not serving in time; see {log}")
 
 
 def _wait_ready(procs: Procs, name: str, out: Path, deadline: float) -> str:
