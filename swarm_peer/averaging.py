@@ -45,6 +45,7 @@ from swarm_peer.swarm_key import SwarmKey, auth_error
 
 log = logging.getLogger("swarm_peer")
 SENT, RECEIVED, FAILED_VALUES = 0, 1, 2
+MAX_STATE_TENSORS = 4096  # tensors a state download may ask for (a stage has ~3 per parameter tensor)
 TEST_CRASH_ENV = "SWARM_PEER_TEST_CRASH_IN_ROUND"  # tests only: the peer kills itself while reducing (round N|first)
 
 
@@ -158,6 +159,7 @@ class StageAverager(DecentralizedAverager):
         self._get_state = get_state
         self.swarm_key = swarm_key
         self.traffic = mp.Array(ctypes.c_int64, 3)  # bytes sent, bytes received, values left unaveraged
+        self.last_unserved: list[str] = []  # donors of the last download_state that served nothing
         super().__init__(averaged_tensors, dht, **kwargs)
 
     # ---------------------------------------------------------------------------------------- all-reduce
@@ -242,8 +244,9 @@ class StageAverager(DecentralizedAverager):
             return
         try:
             query = msgpack.unpackb(request.metadata[:65536], raw=False)
-            wanted = query["indices"]
-            assert isinstance(wanted, list) and all(type(i) is int for i in wanted)
+            wanted = query["indices"]  # checked before the (costly) state snapshot is taken
+            assert isinstance(wanted, list) and 0 < len(wanted) <= MAX_STATE_TENSORS
+            assert all(type(i) is int and 0 <= i < MAX_STATE_TENSORS for i in wanted)
         except Exception:
             return
         if auth_error(self.swarm_key, query.get("auth"), context.remote_id):
@@ -264,18 +267,20 @@ class StageAverager(DecentralizedAverager):
         future = MPFuture()
         self._outer_pipe.send(("_download_state", [], dict(donors=donors, num_tensors=num_tensors, timeout=timeout,
                                                              future=future)))
-        return future.result(timeout + 10)
+        result, self.last_unserved = future.result(timeout + 10)
+        return result
 
     async def _download_state(self, donors: list[str], num_tensors: int, timeout: float, future: MPFuture):
+        unserved: set[str] = set()  # donors that answered without serving any state (not merely slow)
         try:
-            result = await asyncio.wait_for(self._download_from(donors, num_tensors, timeout), timeout)
+            result = await asyncio.wait_for(self._download_from(donors, num_tensors, timeout, unserved), timeout)
         except Exception as e:
             log.warning(f"state download failed: {e!r}")
             result = None
         if not future.done():
-            future.set_result(result)
+            future.set_result((result, sorted(unserved)))
 
-    async def _download_from(self, donors: list[str], num_tensors: int, timeout: float):
+    async def _download_from(self, donors: list[str], num_tensors: int, timeout: float, unserved: set[str]):
         peers = [PeerID.from_base58(d) for d in donors if d != str(self.peer_id)]
         tensors: dict[int, torch.Tensor] = {}
         versions, first_metadata = set(), None  # every donor must serve the same (round, hash)
@@ -288,6 +293,8 @@ class StageAverager(DecentralizedAverager):
                 if isinstance(result, BaseException) or result is None:
                     log.warning(f"state download from {str(peer)[-8:]} failed ({result!r}); trying the others")
                     peers.remove(peer)
+                    if not isinstance(result, asyncio.TimeoutError):
+                        unserved.add(str(peer))
                     continue
                 metadata, got = result
                 first_metadata = first_metadata or metadata

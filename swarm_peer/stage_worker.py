@@ -150,7 +150,7 @@ class StageWorker:
     # ------------------------------------------------------------------------------- same-stage sync glue
     def _refresh_stage(self) -> list[StageRecord]:
         """Blocking: re-read this stage's records; what sync.py decides from."""
-        peers = read_stage_records(self.dht, self.run_id, self.stage)
+        peers = [p for p in read_stage_records(self.dht, self.run_id, self.stage) if self.sync.trusts(p.peer_id)]
         # a record not refreshed for a few announce periods belongs to a peer that is gone (killed, cut off): do not
         # wait for it in rounds until its record expires (swarm.record_ttl), which would stall the stage that long
         sw = self.cfg.swarm
@@ -246,6 +246,8 @@ class StageWorker:
     async def _recover_once(self, behind: bool) -> bool:
         reason = "behind the stage" if behind else "weights disagree"
         for attempt in range(RECOVERY_TRIES):
+            if behind and attempt and not any(o.round > self.sync.progress.round and o.round_ok for o in self.sync.others):
+                behind = False  # the peers ahead are gone or were not believed (an unbacked claim)
             donors = self.sync.donors() or (self.sync.top_peers() if behind else [])
             if not donors and not behind:
                 return True  # the disagreement resolved itself (e.g. the majority moved to our hash)

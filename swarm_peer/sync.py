@@ -40,6 +40,7 @@ from swarm_peer.records import StageRecord
 from swarm_peer.sync_rules import Progress, choose_donors, group_clock, group_hash, round_bits, round_due
 
 log = logging.getLogger("swarm_peer")
+UNBACKED_CLAIM_S = 120.0  # a stage peer that could not serve the state its record claims is ignored this long
 
 
 # ------------------------------------------------------------------------------------------------ the peer side
@@ -60,6 +61,7 @@ class StageSync:
         self.recoveries: list[dict] = []
         self.averager = None
         self.clock_pending = False
+        self.distrusted: dict[str, float] = {}  # peer id -> until when its records are ignored (unbacked claims)
         if self.mode != "none":
             sw = cfg.swarm
             self.buffers = [torch.zeros(p.shape, dtype=torch.float32) for p in trainer.params]
@@ -107,6 +109,9 @@ class StageSync:
         self.trainer.clock = clock
         self.clock_pending = True  # the stage trains on while this peer starts up: catch up at its first step
         self.progress = Progress(global_hash=self._state_hash(), round=int(meta["round"]))
+
+    def trusts(self, peer_id: str) -> bool:
+        return self.distrusted.get(peer_id, 0.0) <= time.monotonic()
 
     # ---- bookkeeping from the worker
     def catch_up_clock(self) -> None:
@@ -306,6 +311,11 @@ class StageSync:
         timeout = max(30.0, self.cfg.swarm.averaging_timeout)
         result = await loop.run_in_executor(None, self.averager.download_state, donors, self._num_state_tensors(),
                                             timeout)
+        for donor in self.averager.last_unserved:  # it claimed a state it cannot serve: not believed for a while
+            if self.trusts(donor):
+                log.warning(f"stage peer {donor[-8:]} claims a state it does not serve; ignoring its records for "
+                            f"{UNBACKED_CLAIM_S:g}s")
+            self.distrusted[donor] = time.monotonic() + UNBACKED_CLAIM_S
         if result is None:
             log.warning(f"could not download the stage state from {len(donors)} donor(s); will retry")
             return False
