@@ -159,7 +159,7 @@ class StageAverager(DecentralizedAverager):
         self._get_state = get_state
         self.swarm_key = swarm_key
         self.traffic = mp.Array(ctypes.c_int64, 3)  # bytes sent, bytes received, values left unaveraged
-        self.last_unserved: list[str] = []  # donors of the last download_state that served nothing
+        self.last_unserved: list[str] = []  # donors of the last download_state with no averager to answer
         super().__init__(averaged_tensors, dht, **kwargs)
 
     # ---------------------------------------------------------------------------------------- all-reduce
@@ -271,7 +271,7 @@ class StageAverager(DecentralizedAverager):
         return result
 
     async def _download_state(self, donors: list[str], num_tensors: int, timeout: float, future: MPFuture):
-        unserved: set[str] = set()  # donors that answered without serving any state (not merely slow)
+        unserved: set[str] = set()  # donors with no averager to answer (not merely slow, nor declining to share)
         try:
             result = await asyncio.wait_for(self._download_from(donors, num_tensors, timeout, unserved), timeout)
         except Exception as e:
@@ -293,8 +293,8 @@ class StageAverager(DecentralizedAverager):
                 if isinstance(result, BaseException) or result is None:
                     log.warning(f"state download from {str(peer)[-8:]} failed ({result!r}); trying the others")
                     peers.remove(peer)
-                    if not isinstance(result, asyncio.TimeoutError):
-                        unserved.add(str(peer))
+                    if isinstance(result, Exception) and not isinstance(result, asyncio.TimeoutError):
+                        unserved.add(str(peer))  # no averager answers there (a record with nothing behind it)
                     continue
                 metadata, got = result
                 first_metadata = first_metadata or metadata

@@ -72,7 +72,7 @@ class StageWorker:
         self._last_checkpoint = time.monotonic()
         self.telemetry = PeerTelemetry(self, metrics_period)
         self._recover_wanted = False
-        self._recovery_given_up = -1  # the round in which recovery last failed for good
+        self._retry_recovery_at, self._recovery_backoff = 0, 1  # after giving up: try again 1, 2, 4 ... 16 rounds later
         self._recovering = asyncio.Lock()
         self.window: GradientWindow | None = None  # created on the loop
         self.state = "online"
@@ -160,6 +160,8 @@ class StageWorker:
         stale = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) > stale_after]
         self.sync.others = stage_peers(self.peer_id, fresh, self.mates_fingerprint)
         self.sync.silent = stage_peers(self.peer_id, stale, self.mates_fingerprint)
+        self.sync.departed = [r for r in fresh if r.peer_id != self.peer_id and r.state in ("finished", "offline")
+                              and r.mates_fingerprint == self.mates_fingerprint]
         for rec in mismatched_mates(self.peer_id, fresh, self.fingerprint, self.mates_fingerprint):
             if rec.peer_id not in self.warned_peers:
                 self.warned_peers.add(rec.peer_id)
@@ -233,8 +235,8 @@ class StageWorker:
         return other.round < mine.round and other.round_ok  # it may complete the round we failed: then we recover
 
     def _disagrees(self) -> bool:
-        """Our weights differ from the stage majority's and recovery has not already failed for good this round."""
-        return bool(self.sync.donors()) and self._recovery_given_up != self.sync.progress.round
+        """Our weights differ from the stage majority's and it is time to try recovering (not soon after giving up)."""
+        return bool(self.sync.donors()) and self.sync.progress.round >= self._retry_recovery_at
 
     async def _recover(self, behind: bool) -> bool:
         """Download the stage's state (we are behind it, or our weights disagree with its majority), retrying with
@@ -251,7 +253,8 @@ class StageWorker:
             donors = self.sync.donors() or (self.sync.top_peers() if behind else [])
             if not donors and not behind:
                 return True  # the disagreement resolved itself (e.g. the majority moved to our hash)
-            if donors and await self.sync.recover(donors, reason):
+            if donors and await self.sync.recover(donors, reason, self._refresh_stage):
+                self._recovery_backoff = 1
                 return True
             if self.stop_event.is_set():
                 return False
@@ -262,7 +265,9 @@ class StageWorker:
         top = max((o.round for o in self.sync.others if o.round_ok), default=self.sync.progress.round)
         self.sync.progress.round = max(self.sync.progress.round, top)  # take part in the stage's rounds again
         self.sync.progress.round_ok = False
-        self._recovery_given_up = self.sync.progress.round  # next try: in a later round, not at every step
+        # next try: some rounds later (each try costs its backoff), not at every step
+        self._retry_recovery_at = self.sync.progress.round + self._recovery_backoff
+        self._recovery_backoff = min(2 * self._recovery_backoff, 16)
         await self._publish_now()
         return False
 
@@ -469,7 +474,8 @@ class StageWorker:
                 await self._publish_now()
                 await self._in_thread(self._refresh_stage)
             waiters, self._sync_waiters = self._sync_waiters, []
-            if self.sync.mode == "diloco" and (self.sync.due() or (waiters and self.sync.unmerged_work())):
+            if self.sync.mode == "diloco" and not self.stop_event.is_set() and (
+                    self.sync.due() or (waiters and self.sync.unmerged_work())):
                 await self._round()
             if self._disagrees() or self._recover_wanted:
                 await self._recover(behind=self._recover_wanted)

@@ -37,7 +37,8 @@ from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, tensors_hash
 from swarm_peer.records import StageRecord
-from swarm_peer.sync_rules import Progress, choose_donors, group_clock, group_hash, round_bits, round_due
+from swarm_peer.sync_rules import (Progress, choose_donors, group_clock, group_hash, round_bits, round_due,
+                                   state_problem, vouched)
 
 log = logging.getLogger("swarm_peer")
 UNBACKED_CLAIM_S = 120.0  # a stage peer that could not serve the state its record claims is ignored this long
@@ -56,6 +57,7 @@ class StageSync:
         self.progress = Progress(global_hash=self._state_hash())
         self.others: list[StageRecord] = []
         self.silent: list[StageRecord] = []  # stage peers whose records stopped being refreshed (gone, or just slow)
+        self.departed: list[StageRecord] = []  # stage peers whose fresh records say finished/offline
         self.training = True  # False once this peer is done training (it still takes part in rounds)
         self.rounds: list[dict] = []
         self.recoveries: list[dict] = []
@@ -160,6 +162,8 @@ class StageSync:
                 # then must not vote, or the round would end on two "agreed" hashes
                 if any(o.round >= r - 1 for o in self.silent):
                     return None, "alone (stage peers in this round unreachable)"
+                if any(o.round > r and o.round_ok for o in self.departed):  # they completed it, then left (or were
+                    return None, "alone (stage peers completed this round and left)"  # stopped): no second hash
                 return None, "alone"
             with self.averager.get_tensors() as tensors:
                 for t, mine in zip(tensors, self.own):
@@ -297,7 +301,7 @@ class StageSync:
         self.progress.round_ok = False  # not a voter until it holds the stage's state
         for _ in range(10):
             donors = self.donors()
-            if not donors or await self.recover(donors, "joining the stage"):
+            if not donors or await self.recover(donors, "joining the stage", refresh):
                 self.progress.round_ok = True
                 return
             await asyncio.sleep(1.0)
@@ -305,25 +309,34 @@ class StageSync:
         log.warning("could not download the stage state; starting from the seeded init")
         self.progress.round_ok = True
 
-    async def recover(self, donors: list[str], reason: str) -> bool:
+    async def recover(self, donors: list[str], reason: str, refresh=None) -> bool:
+        """Download the stage state from `donors` and apply it if it is sound and what the stage's records agree on
+        (`refresh`: blocking re-read of the records, for when they lag the state)."""
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         timeout = max(30.0, self.cfg.swarm.averaging_timeout)
         result = await loop.run_in_executor(None, self.averager.download_state, donors, self._num_state_tensors(),
                                             timeout)
-        for donor in self.averager.last_unserved:  # it claimed a state it cannot serve: not believed for a while
-            if self.trusts(donor):
-                log.warning(f"stage peer {donor[-8:]} claims a state it does not serve; ignoring its records for "
+        for donor in self.averager.last_unserved:  # its record claims a state, no averager of its answers: a record
+            if self.trusts(donor):  # with nothing behind it is not believed for a while
+                log.warning(f"stage peer {donor[-8:]} claims a state but runs no averager; ignoring its records for "
                             f"{UNBACKED_CLAIM_S:g}s")
             self.distrusted[donor] = time.monotonic() + UNBACKED_CLAIM_S
         if result is None:
             log.warning(f"could not download the stage state from {len(donors)} donor(s); will retry")
             return False
         meta, tensors = result
-        n = len(self.trainer.params)
-        if not isinstance(meta, dict) or meta.get("mode") != self.mode or not isinstance(meta.get("round"), int) \
-                or meta["round"] < 0 or tensors_hash(tensors[:n]) != meta.get("hash"):
-            log.warning("downloaded stage state is inconsistent (hash or metadata); discarded")
+        problem = state_problem(meta, tensors, [p.shape for p in self.trainer.params], self.mode)
+        for _ in range(3 if problem is None and refresh is not None else 0):
+            if vouched(meta, self.others):
+                break
+            await asyncio.sleep(self.cfg.swarm.announce_period)  # the donors' records may lag their state
+            await loop.run_in_executor(None, refresh)
+        else:
+            if problem is None and not vouched(meta, self.others):
+                problem = f"round {meta['round']} weights {meta['hash']} are not what the stage's records agree on"
+        if problem:
+            log.warning(f"downloaded stage state refused ({problem}); discarded")
             return False
         # the run clock: the donors' published ones and the one served, by median (one donor cannot set it alone)
         claims = {o.peer_id: {"clock": o.clock} for o in self.others if o.peer_id in donors}

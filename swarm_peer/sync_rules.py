@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 from swarm_peer.records import StageRecord
 from swarm_peer.validation import valid_clock
 
@@ -111,3 +113,42 @@ def format_round(m: dict) -> str:
 def round_bits(r: int) -> str:
     """Group key bits: only peers in the same round (mod 2^16) can form a group."""
     return format(r % 65536, "016b")
+
+
+MAX_COUNTER = 10**12  # adam_steps / inner_step a downloaded state may claim
+
+
+def state_problem(meta, tensors: list, shapes: list, mode: str) -> str | None:
+    """Why a downloaded stage state must not be applied (None: it may): exactly the stage's tensors (diloco: global
+    weights + momentum; sync: weights + AdamW moments), all finite, the weights hashing to the hash it came with,
+    counters in range, second moments non-negative. `shapes`: this stage's parameter shapes."""
+    from swarm_peer.diloco import tensors_hash
+
+    if not isinstance(meta, dict) or meta.get("mode") != mode:
+        return "metadata of another sync mode"
+    if type(meta.get("round")) is not int or not 0 <= meta["round"] <= MAX_COUNTER:
+        return f"round {meta.get('round')!r}"
+    want = [*shapes] * (2 if mode == "diloco" else 3)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != len(want) or any(
+            not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(s)
+            for t, s in zip(tensors, want)):
+        return "tensors of the wrong number, type or shape"
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        return "non-finite values"
+    n = len(shapes)
+    if tensors_hash(list(tensors[:n])) != meta.get("hash"):
+        return "weights that do not match the hash they came with"
+    if mode == "sync":
+        for name in ("adam_steps", "inner_step"):
+            if type(meta.get(name, 0)) is not int or not 0 <= meta.get(name, 0) <= MAX_COUNTER:
+                return f"{name} out of range"
+        if any(bool((t < 0).any()) for t in tensors[2 * n:]):
+            return "negative second moments"
+    return None
+
+
+def vouched(meta: dict, records: list[StageRecord]) -> bool:
+    """Is a downloaded state (its round and weights hash) what the stage agreed on: the majority hash of the believed
+    records (each bound to its signer) at that round? One donor's word is not enough."""
+    votes = [(r.global_hash, r.peer_id) for r in records if r.round_ok and r.round == meta.get("round")]
+    return bool(votes) and majority_hash(votes) == meta.get("hash")

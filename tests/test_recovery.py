@@ -3,7 +3,7 @@
 Single-stage swarm (data-parallel DiLoCo), three peers, none of which ever serves its state (test-only fault: every
 donor unreachable). After round 1, peer a's global weights are nudged (a replica gone wrong), so a replica disagrees
 with the stage's majority and wants the stage state (one that joins late and misses round 0 does too). It must retry
-with backoff, then go on with its own weights without voting, say so in one line, try again at most once per round,
+with backoff, then go on with its own weights without voting, say so in one line, try again after 1, 2, 4 ... rounds (not at every one),
 and end with the run. Every peer also reports any use of the averager's tensors (and so its lock) on the
 compute thread (tests/fault_peer.py guard_averager): there must be none."""
 import re
@@ -44,7 +44,8 @@ def test_recovery_without_donor_goes_on_and_rounds_never_block_the_compute_threa
         assert s["clock"] >= STEPS, (name, s["clock"])  # every peer went on training to the end of the run
         assert not s["sync"]["recoveries"]  # ... on its own weights: nobody served a state
         rounds = [r["round"] for r in s["sync"]["rounds"]]
-        assert gave_up[name] <= len(set(rounds)) + 1, (name, gave_up[name], rounds)  # at most once per round
+        # tries again 1, 2, 4 ... 16 rounds after each give-up: about log2(rounds) give-ups, not one per round
+        assert gave_up[name] <= 2 + len(set(rounds)).bit_length(), (name, gave_up[name], rounds)
         assert "AVERAGER LOCK ON THE COMPUTE THREAD" not in swarm.log(name), name
     assert any(r["group_size"] >= 2 for s in summaries.values() for r in s["sync"]["rounds"])
     print(f"\nno donor: gave up {gave_up} time(s); run steps reached "

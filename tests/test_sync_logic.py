@@ -108,3 +108,35 @@ def test_group_clock_is_the_median_of_valid_claims():
     # peers past the run's end count as at its end: a late peer in a group of finished ones is pulled to the end
     assert group_clock({"late": {"clock": 8.5}, "b": {"clock": 30.5}, "c": {"clock": 31}}, 0, 30) == 30
     assert group_clock({"a": {"clock": 5}, "evil": {"clock": 100}, "c": {"clock": 6}}, 0, 100) == 6
+
+
+def test_a_downloaded_state_must_be_sound_and_what_the_stage_agreed_on():
+    import torch
+
+    from swarm_peer.diloco import tensors_hash
+    from swarm_peer.sync_rules import state_problem, vouched
+
+    shapes = [torch.Size([3, 2]), torch.Size([2])]
+    weights = [torch.ones(3, 2), torch.zeros(2)]
+    good = tensors_hash(weights)
+    diloco = [*weights, torch.zeros(3, 2), torch.zeros(2)]  # global weights + momentum
+    meta = {"mode": "diloco", "round": 4, "hash": good}
+    assert state_problem(meta, diloco, shapes, "diloco") is None
+    assert "non-finite" in state_problem(meta, [*weights, torch.full((3, 2), float("nan")), torch.zeros(2)], shapes,
+                                         "diloco")
+    assert "hash" in state_problem({**meta, "hash": H2}, diloco, shapes, "diloco")
+    assert "shape" in state_problem(meta, diloco[:3], shapes, "diloco")
+    assert "shape" in state_problem(meta, [*diloco[:3], torch.zeros(3)], shapes, "diloco")
+    assert "mode" in state_problem({**meta, "mode": "sync"}, diloco, shapes, "diloco")
+    assert "round" in state_problem({**meta, "round": -1}, diloco, shapes, "diloco")
+    sync = [*weights, torch.zeros(3, 2), torch.zeros(2), torch.ones(3, 2), torch.ones(2)]  # + AdamW moments
+    smeta = {"mode": "sync", "round": 4, "hash": good, "adam_steps": 7, "inner_step": 7}
+    assert state_problem(smeta, sync, shapes, "sync") is None
+    assert "inner_step" in state_problem({**smeta, "inner_step": -3}, sync, shapes, "sync")  # a negative lr
+    assert "adam_steps" in state_problem({**smeta, "adam_steps": 2.5}, sync, shapes, "sync")
+    assert "second moments" in state_problem(smeta, [*sync[:4], -torch.ones(3, 2), torch.ones(2)], shapes, "sync")
+    # what the stage agreed on: the majority of its believed records at that round, not the donor's own word
+    stage = [rec("d1", round=4, hash=good), rec("d2", round=4, hash=good), rec("liar", round=4, hash=H2)]
+    assert vouched(meta, stage) and not vouched({**meta, "hash": H2}, stage)
+    assert not vouched({**meta, "round": 9}, stage)  # nobody's record is at that round (yet: the caller re-reads)
+    assert not vouched(meta, [rec("d1", round=4, hash=good, ok=False)])  # a record that does not vote
