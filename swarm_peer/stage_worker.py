@@ -198,13 +198,12 @@ class StageWorker:
         round if any work is unmerged (DiLoCo). So every peer of a stage ends on the same global model."""
         self.state, self.sync.training = "idle", False
         await self._publish_now()
-        if self.sync.mode == "sync":  # every step had its round: nothing to merge, but a mate may have to recover
-            return await self._linger_for_laggards()
         deadline = time.monotonic() + self.cfg.swarm.finish_timeout
         while time.monotonic() < deadline and not self.stop_event.is_set():
             await self._in_thread(self._refresh_stage)
             if not any(o.state == "online" for o in self.sync.others):
-                if not self.sync.unmerged_work():
+                # sync mode: every step had its round (a mate's partial last window it stepped alone: we recover it)
+                if self.sync.mode == "sync" or not self.sync.unmerged_work():
                     return await self._linger_for_laggards()
                 try:
                     await asyncio.wait_for(self.request_round(), 3 * self.cfg.swarm.averaging_timeout)
