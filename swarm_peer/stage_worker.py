@@ -427,9 +427,10 @@ class StageWorker:
         every, done = self.cfg.run.eval_interval, None
         while self.val_batches and self.state == "online" and not self.stop_event.is_set():
             step = min(int(self.trainer.clock), max_steps)  # the run's step (a joiner starts at its stage's, not 0)
-            if done is None:
-                done = step  # a joiner does not evaluate the state it downloaded before training it
-            if step != done and ((every and step // every > done // every) or step >= max_steps):
+            first = done is None
+            if first:  # a fresh run's curve starts at the untrained model (as the baseline's does); a joiner does
+                done = step  # not evaluate the state it downloaded before training it
+            if (first and step == 0) or (step != done and ((every and step // every > done // every) or step >= max_steps)):
                 done = step
                 step = step if step >= max_steps else step // every * every  # the interval crossed (a round may
                 # have moved the clock past it): every peer's evaluation of it carries the same step

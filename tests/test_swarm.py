@@ -256,7 +256,11 @@ def test_run_local_experiment_end_to_end(cache_dir):
         evals = [(row["eval_step"], row["eval_loss"]) for row in history if "eval_loss" in row]
         print("validation loss by evaluation step:", evals)
         assert len(evals) >= 2 and [s for s, _ in evals] == sorted(s for s, _ in evals), evals
-        assert evals[-1][1] < evals[0][1] - 0.1, evals  # seen: 4.05 at step 10 -> 3.73 at step 40
+        # from the untrained model (step 0) to well trained, and no divergence at the end: the curve flattens after
+        # ~step 20 on this corpus (single process: 5.56, 3.83, 3.49, 3.44, 3.42 at steps 0..40), so a fall between
+        # two late evaluations is no measure; seen in the swarm: 5.56 -> 3.61, 3.58, 3.64, 3.58, 3.64
+        assert evals[0][0] == 0 and evals[-1][1] < evals[0][1] - 1.0, evals
+        assert evals[-1][1] < min(loss for _, loss in evals) + 0.25, evals
         assert max(row["alive/stage0"] for row in history) == 2
         assert max(row["alive/stage1"] for row in history) == 2
         full = [row for row in history if row["alive"] == 4]
