@@ -47,13 +47,15 @@ log = logging.getLogger("swarm_peer")
 SENT, RECEIVED, FAILED_VALUES = 0, 1, 2
 MAX_STATE_TENSORS = 4096  # tensors a state download may ask for (a stage has ~3 per parameter tensor)
 TEST_CRASH_ENV = "SWARM_PEER_TEST_CRASH_IN_ROUND"  # tests only: the peer kills itself while reducing (round N|first)
+MALFORMED_BAN_S = 600.0  # a groupmate that sent a malformed part or weight: no honest peer does, so no group with it
 
 
 class ValueAllReduceRunner(AllReduceRunner):
     """Butterfly all-reduce whose reducers return averaged values (see the module docstring)."""
 
-    def __init__(self, *, traffic=None, **kwargs):
+    def __init__(self, *, traffic=None, on_malformed: Callable[[PeerID], None] = lambda peer: None, **kwargs):
         super().__init__(**kwargs)
+        self._on_malformed = on_malformed
         container = self.tensor_part_container
         container.return_deltas = False  # a failed reducer's parts keep our own values (counted as failed)
         own = self.ordered_peer_ids.index(self.peer_id)
@@ -74,8 +76,9 @@ class ValueAllReduceRunner(AllReduceRunner):
             self._results[part_index] = compression.compress(averaged, self._own_infos[part_index])
         return self._results[part_index]
 
-    def _check_part(self, part: torch.Tensor, shape: torch.Size, who: str) -> None:
+    def _check_part(self, part: torch.Tensor, shape: torch.Size, who: str, peer: PeerID) -> None:
         if part.shape != shape or not part.is_floating_point() or not torch.isfinite(part).all():
+            self._on_malformed(peer)
             raise AllreduceException(f"{who} sent a malformed part {tuple(part.shape)} {part.dtype} (expected {tuple(shape)})")
 
     async def _communicate_with_peer(self, peer_id: PeerID):
@@ -109,7 +112,7 @@ class ValueAllReduceRunner(AllReduceRunner):
                     raise AllreduceException(f"{peer_id} sent more parts than expected")
                 self._count(RECEIVED, len(message.tensor_part.buffer))
                 part = await loop.run_in_executor(None, deserialize_torch_tensor, message.tensor_part)
-                self._check_part(part, shapes[part_index], f"reducer {peer_id}")
+                self._check_part(part, shapes[part_index], f"reducer {peer_id}", peer_id)
                 container.register_processed_part(peer_index, part_index, part)
                 part_index += 1
             if part_index != container.num_parts_by_peer[peer_index]:
@@ -129,8 +132,10 @@ class ValueAllReduceRunner(AllReduceRunner):
                     raise AllreduceException("sender sent more parts than expected")
                 self._count(RECEIVED, len(message.tensor_part.buffer))
                 part = await loop.run_in_executor(None, deserialize_torch_tensor, message.tensor_part)
-                self._check_part(part, self.parts_for_local_averaging[part_index].shape, f"sender {sender_index}")
+                sender = self.sender_peer_ids[sender_index]
+                self._check_part(part, self.parts_for_local_averaging[part_index].shape, f"sender {sender_index}", sender)
                 if not (math.isfinite(message.weight) and message.weight >= 0):
+                    self._on_malformed(sender)
                     raise AllreduceException(f"sender {sender_index} sent weight {message.weight}")
                 try:
                     averaged = await self.tensor_part_reducer.accumulate_part(
@@ -160,12 +165,14 @@ class StageAverager(DecentralizedAverager):
         self.swarm_key = swarm_key
         self.traffic = mp.Array(ctypes.c_int64, 3)  # bytes sent, bytes received, values left unaveraged
         self.last_unserved: list[str] = []  # donors of the last download_state with no averager to answer
+        self.last_declined: list[str] = []  # ... whose averager answered without the state
+        self._banned: dict[str, float] = {}  # averager process: peer id -> until when no group includes it
         super().__init__(averaged_tensors, dht, **kwargs)
 
     # ---------------------------------------------------------------------------------------- all-reduce
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
-        runner = ValueAllReduceRunner(traffic=self.traffic, p2p=self._p2p, servicer_type=type(self),
+        runner = ValueAllReduceRunner(traffic=self.traffic, on_malformed=self._ban, p2p=self._p2p, servicer_type=type(self),
                                       prefix=self.prefix, tensors=tensors, group_id=group_id,
                                       ordered_peer_ids=group_info.peer_ids, **kwargs)
         self._running_groups[group_id].set_result(runner)
@@ -175,7 +182,8 @@ class StageAverager(DecentralizedAverager):
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             raise AllreduceException("stage averagers never run as auxiliaries")
         for peer, gathered in zip(group_info.peer_ids, group_info.gathered):
-            error = auth_error(self.swarm_key, self._user_data(gathered).get("auth"), peer)
+            error = auth_error(self.swarm_key, self._user_data(gathered).get("auth"), peer) or (
+                "sent malformed parts in an earlier round" if self._is_banned(peer) else None)
             if error:
                 raise AllreduceException(f"groupmate {str(peer)[-8:]}: {error}")
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
@@ -186,6 +194,25 @@ class StageAverager(DecentralizedAverager):
                 self.traffic[FAILED_VALUES] += failed
             raise AllreduceException(f"partial round: {failed} of {runner.tensor_part_container.total_size} "
                                      f"values were not averaged (a reducer failed)")
+
+    def _ban(self, peer: PeerID) -> None:
+        if not self._is_banned(peer):
+            log.warning(f"averaging: groupmate {str(peer)[-8:]} sent a malformed part or weight; no group with it "
+                        f"for {MALFORMED_BAN_S:.0f}s")
+        self._banned[str(peer)] = time.monotonic() + MALFORMED_BAN_S
+
+    def _is_banned(self, peer: PeerID) -> bool:
+        return self._banned.get(str(peer), 0.0) > time.monotonic()
+
+    async def _step(self, *, step, future_for_init):
+        matchmaking = self._matchmaking  # created in this (averager) process: wrap its follower side once
+        if not getattr(matchmaking, "refuses_banned", False):
+            request_join = matchmaking._request_join_group
+
+            async def join_unless_banned(leader: PeerID):  # a banned peer is never our leader
+                return None if self._is_banned(leader) else await request_join(leader)
+            matchmaking._request_join_group, matchmaking.refuses_banned = join_unless_banned, True
+        return await super()._step(step=step, future_for_init=future_for_init)
 
     def _my_gathered(self, group_info) -> dict:
         """What this peer passed as `gather` to step() (the caller's round number, hash, ...)."""
@@ -207,7 +234,8 @@ class StageAverager(DecentralizedAverager):
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest,
                              context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
-        if auth_error(self.swarm_key, self._user_data(request.gather).get("auth"), context.remote_id):
+        if self._is_banned(context.remote_id) or auth_error(self.swarm_key, self._user_data(request.gather).get("auth"),
+                                                            context.remote_id):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         async for message in super().rpc_join_group(request, context):
@@ -267,20 +295,23 @@ class StageAverager(DecentralizedAverager):
         future = MPFuture()
         self._outer_pipe.send(("_download_state", [], dict(donors=donors, num_tensors=num_tensors, timeout=timeout,
                                                              future=future)))
-        result, self.last_unserved = future.result(timeout + 10)
+        result, self.last_unserved, self.last_declined = future.result(timeout + 10)
         return result
 
     async def _download_state(self, donors: list[str], num_tensors: int, timeout: float, future: MPFuture):
         unserved: set[str] = set()  # donors with no averager to answer (not merely slow, nor declining to share)
+        declined: set[str] = set()  # donors whose averager answered with no state
         try:
-            result = await asyncio.wait_for(self._download_from(donors, num_tensors, timeout, unserved), timeout)
+            result = await asyncio.wait_for(self._download_from(donors, num_tensors, timeout, unserved, declined),
+                                            timeout)
         except Exception as e:
             log.warning(f"state download failed: {e!r}")
             result = None
         if not future.done():
-            future.set_result((result, sorted(unserved)))
+            future.set_result((result, sorted(unserved), sorted(declined)))
 
-    async def _download_from(self, donors: list[str], num_tensors: int, timeout: float, unserved: set[str]):
+    async def _download_from(self, donors: list[str], num_tensors: int, timeout: float, unserved: set[str],
+                             declined: set[str]):
         peers = [PeerID.from_base58(d) for d in donors if d != str(self.peer_id)]
         tensors: dict[int, torch.Tensor] = {}
         versions, first_metadata = set(), None  # every donor must serve the same (round, hash)
@@ -295,6 +326,8 @@ class StageAverager(DecentralizedAverager):
                     peers.remove(peer)
                     if isinstance(result, Exception) and not isinstance(result, asyncio.TimeoutError):
                         unserved.add(str(peer))  # no averager answers there (a record with nothing behind it)
+                    elif result is None:
+                        declined.add(str(peer))
                     continue
                 metadata, got = result
                 first_metadata = first_metadata or metadata

@@ -27,6 +27,7 @@ from swarm_peer.data import Microbatch, ShardSampler
 from swarm_peer.model import mates_fingerprint, stage_fingerprint, stage_spec
 from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
+from swarm_peer.run_end import unbacked_grace, upstream_done
 from swarm_peer.sync import StageSync
 from swarm_peer.sync_rules import format_round, mismatched_mates, stage_peers
 from swarm_peer.telemetry import PeerTelemetry, memory_report
@@ -82,6 +83,8 @@ class StageWorker:
         self.upstream_online = 0
         self.upstream_ended = False  # the previous stage's records say it is done (idle/finished/offline)
         self.upstream_seen_at = time.monotonic()  # last time any record of the previous stage was visible
+        self.upstream_ended_at: float | None = None  # first sight of an upstream peer that ended (run_end.py)
+        self.upstream_heard_at: float | None = None  # the last training microbatch from upstream
         self.downstream_seen_at = time.monotonic()  # last time a usable next-stage peer was visible
         self.stats = defaultdict(int)
         self.loss_curve: list[list[float]] = []  # [inner step, mean loss of the microbatches of that step]
@@ -125,7 +128,12 @@ class StageWorker:
             if not self.spec.is_first:
                 peers = await self._in_thread(read_stage_records, self.dht, self.run_id, self.stage - 1)
                 self.upstream_online = sum(p.record.state == "online" for p in peers)
-                self.upstream_ended = bool(peers) and self.upstream_online == 0
+                now = time.monotonic()
+                if self.upstream_online < len(peers) and self.upstream_ended_at is None:
+                    self.upstream_ended_at = now
+                self.upstream_ended = bool(peers) and upstream_done(
+                    self.upstream_online, self.upstream_ended_at, self.upstream_heard_at, now,
+                    unbacked_grace(self.cfg.swarm.upstream_timeout))
                 if peers:
                     self.upstream_seen_at = time.monotonic()
                 # a finished record counts as seen: a short run upstream may end between two of our looks
@@ -386,6 +394,7 @@ class StageWorker:
                 grad = await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out, ticket))
             ok = True
             self.stats["microbatches"] += 1
+            self.upstream_heard_at = time.monotonic()
             return {k: v for k, v in reply.items() if k == "loss"}, [grad.to("cpu")]
         finally:
             if not ok:  # failed, or cancelled by a caller that timed out: a queued backward must not run
@@ -509,6 +518,7 @@ class StageWorker:
                     self.telemetry.on_loss(reply["loss"])
             ok = True
             self.stats["microbatches"] += 1
+            self.upstream_heard_at = time.monotonic()
         except Exception as e:
             self.stats["lost_microbatches"] += 1
             log.warning(f"stage 0: microbatch {index} lost: {e}")
@@ -561,6 +571,11 @@ class StageWorker:
             if done and not busy:
                 idle_since = idle_since or time.monotonic()
                 if time.monotonic() - idle_since >= idle_grace:
+                    if self.upstream_online:
+                        log.warning(f"stage {self.stage}: {self.upstream_online} stage-{self.stage - 1} record(s) still "
+                                    f"say online, but no microbatch came for "
+                                    f"{unbacked_grace(self.cfg.swarm.upstream_timeout):.0f}s after its other peers "
+                                    f"ended (stalled, or claims no peer backs); leaving")
                     break
             else:
                 idle_since = None

@@ -42,6 +42,7 @@ from swarm_peer.sync_rules import (Progress, choose_donors, group_clock, group_h
 
 log = logging.getLogger("swarm_peer")
 UNBACKED_CLAIM_S = 120.0  # a stage peer that could not serve the state its record claims is ignored this long
+DECLINES_TO_DISTRUST = 3  # ... or declined to serve it this many times in a row, over 2 announce periods at least
 
 
 # ------------------------------------------------------------------------------------------------ the peer side
@@ -64,6 +65,7 @@ class StageSync:
         self.averager = None
         self.clock_pending = False
         self.distrusted: dict[str, float] = {}  # peer id -> until when its records are ignored (unbacked claims)
+        self.declines: dict[str, tuple[int, float]] = {}  # donor -> (refusals in a row, time of the first)
         if self.mode != "none":
             sw = cfg.swarm
             self.buffers = [torch.zeros(p.shape, dtype=torch.float32) for p in trainer.params]
@@ -309,6 +311,26 @@ class StageSync:
         log.warning("could not download the stage state; starting from the seeded init")
         self.progress.round_ok = True
 
+    def _distrust(self, donor: str, why: str) -> None:
+        if self.trusts(donor):
+            log.warning(f"stage peer {donor[-8:]} claims a state but {why}; ignoring its records for "
+                        f"{UNBACKED_CLAIM_S:g}s")
+        self.distrusted[donor] = time.monotonic() + UNBACKED_CLAIM_S
+
+    def _count_declines(self, donors: list[str]) -> None:
+        """An honest donor declines only while its record lags a failed round (an announce period); one whose record
+        goes on claiming an agreed state it keeps declining to serve is not believed."""
+        now, declined = time.monotonic(), set(self.averager.last_declined)
+        for donor in donors:
+            if donor not in declined:
+                self.declines.pop(donor, None)
+                continue
+            count, since = self.declines.get(donor, (0, now))
+            self.declines[donor] = (count + 1, since)
+            if count + 1 >= DECLINES_TO_DISTRUST and now - since >= 2 * self.cfg.swarm.announce_period:
+                self._distrust(donor, f"declined to serve it {count + 1} times in a row")
+                del self.declines[donor]
+
     async def recover(self, donors: list[str], reason: str, refresh=None) -> bool:
         """Download the stage state from `donors` and apply it if it is sound and what the stage's records agree on
         (`refresh`: blocking re-read of the records, for when they lag the state)."""
@@ -318,10 +340,8 @@ class StageSync:
         result = await loop.run_in_executor(None, self.averager.download_state, donors, self._num_state_tensors(),
                                             timeout)
         for donor in self.averager.last_unserved:  # its record claims a state, no averager of its answers: a record
-            if self.trusts(donor):  # with nothing behind it is not believed for a while
-                log.warning(f"stage peer {donor[-8:]} claims a state but runs no averager; ignoring its records for "
-                            f"{UNBACKED_CLAIM_S:g}s")
-            self.distrusted[donor] = time.monotonic() + UNBACKED_CLAIM_S
+            self._distrust(donor, "runs no averager")  # with nothing behind it is not believed for a while
+        self._count_declines(donors)
         if result is None:
             log.warning(f"could not download the stage state from {len(donors)} donor(s); will retry")
             return False

@@ -12,6 +12,10 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
 from swarm_peer.averaging import StageAverager
+from swarm_peer.compression import compression_strategy
+from swarm_peer.config import Config
+from swarm_peer.model import build_stage
+from swarm_peer.sync_rules import majority_hash, round_bits
 from swarm_peer.identity import Identity
 from swarm_peer.records import (MetricRecord, local_public_key, make_validators, metrics_key, read_stage_records,
                                 store_stage_record)
@@ -33,6 +37,7 @@ class Hostile:
         self.stop = threading.Event()
         self.outcomes: list[tuple[int, str]] = []  # malformed requests that did not get an error reply
         self.sent = {"records": 0, "forward": 0, "forward_refused": 0, "download": 0}
+        self.template = None  # an honest stage record its forgeries are copied from
 
     # ------------------------------------------------------------------------------------------ records
     def forge_records(self, stage: int) -> None:
@@ -40,19 +45,21 @@ class Hostile:
         checks them one by one), then its own record claiming a huge agreed round with a made-up hash, refreshed; a
         metrics record with a made-up loss under an honest peer's id."""
         honest = [p.record for p in read_stage_records(self.dht, self.run_id, stage) if p.peer_id != self.peer_id]
-        if not honest:
+        self.template = honest[0] if honest else self.template  # its own lie goes on after the honest peers left
+        if self.template is None:
             return
         mine = local_public_key(self.validators)
         lie = dict(round=10**6, round_ok=True, global_hash=FAKE_HASH, syncing=False, state="online",
                    throughput=1e6, queue=0, inflight=0)
         now = get_dht_time()
-        if not self.sent["records"]:  # one value per subkey: copies first (superseded at once, but read meanwhile)
+        if not self.sent["records"] and honest:  # one value per subkey: copies first (superseded at once, but read meanwhile)
             for i, rec in enumerate(honest):
                 store_stage_record(self.dht, self.run_id, rec.copy(update=lie), mine, 20, expiration=now + 20 + i * 1e-3)
         self.sent["records"] += 1
-        own = honest[0].copy(update={**lie, "peer_id": self.peer_id})  # its own lie, bound to its key
+        own = self.template.copy(update={**lie, "peer_id": self.peer_id})  # its own lie, bound to its key: to the
+        # next stage it is also an upstream peer that claims to be online for ever
         store_stage_record(self.dht, self.run_id, own, mine, 20, expiration=now + 21 + self.sent["records"] * 1e-3)
-        fake = MetricRecord(peer_id=honest[0].peer_id, stage=stage, state="online", window=int(get_dht_time() // 10),
+        fake = MetricRecord(peer_id=self.template.peer_id, stage=stage, state="online", window=int(get_dht_time() // 10),
                             period=10.0, round=10**6, inner_step=10**6, samples=1, tokens=1, loss_sum=1e6,
                             loss_count=1, eval_loss=0.0, eval_step=1, tokens_per_s=1e9, queue=0, inflight=0,
                             sync_seconds=0.0, bytes_sent=0, bytes_received=0, global_hash=FAKE_HASH, round_ok=True)
@@ -118,6 +125,44 @@ class Hostile:
                 replies.append(-1)
             self.sent["download"] += 1
         return replies
+
+    def poison_rounds(self, cfg: Config, stage: int) -> threading.Thread:
+        """Joins the stage's averaging rounds as a groupmate whose parts (as a sender) and averages (as a reducer) are
+        all NaN, with a gather that looks like an honest member's (the next round, the majority hash); until `stop`.
+        Counts its attempts in `sent["group_attempts"]`."""
+        buffers = [torch.full(p.shape, float("nan")) for p in build_stage(cfg, stage).parameters()]
+        sw = cfg.swarm
+        averager = StageAverager(buffers, self.dht, get_state=lambda: ({"round": -1}, []), prefix=f"{self.run_id}_avg{stage}",
+                                 start=True, min_group_size=2, target_group_size=None, initial_group_bits=round_bits(0),
+                                 min_matchmaking_time=sw.matchmaking_time, request_timeout=max(0.2, 0.5 * sw.matchmaking_time),
+                                 compression=compression_strategy(sw.compression.averaging),
+                                 allreduce_timeout=sw.averaging_timeout / 2, next_chunk_timeout=sw.averaging_chunk_timeout,
+                                 client_mode=False, declare_state_period=10)
+        self.sent["group_attempts"] = 0
+
+        def run():
+            try:
+                while not self.stop.is_set():
+                    honest = [p.record for p in read_stage_records(self.dht, self.run_id, stage)
+                              if p.peer_id != self.peer_id and p.record.state == "online"]
+                    if not honest:
+                        self.stop.wait(0.5)
+                        continue
+                    r = max(rec.round for rec in honest)  # the round they are in, or about to start
+                    for rnd in (r, r + 1):
+                        averager.set_group_bits(round_bits(rnd))
+                        gather = {"round": rnd, "clock": max(rec.clock for rec in honest), "ok": True,
+                                  "hash": majority_hash([(rec.global_hash, rec.peer_id) for rec in honest])}
+                        self.sent["group_attempts"] += 1
+                        try:  # the honest side's logs tell whether it got into a group
+                            averager.step(weight=1.0, gather=gather, timeout=3 * sw.matchmaking_time, allow_retries=False)
+                        except Exception:
+                            pass
+            finally:
+                averager.shutdown()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
 
     def shutdown(self) -> None:
         self.stop.set()
