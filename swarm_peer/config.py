@@ -136,6 +136,7 @@ class RunConfig(_Section):
     metrics_period: float = Field(10.0, ge=0.5, le=3600.0)  # seconds per metrics window (peers and monitor)
     checkpoint_interval: float = Field(60.0, gt=0.0)  # seconds between checkpoints (with --checkpoint-dir)
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default
+    memory_check: bool = True  # refuse to start (exit 2) when the estimate (memory.py) exceeds what is free
     wandb_project: Optional[str] = None
     wandb_entity: Optional[str] = None
     wandb_run_name: Optional[str] = None

@@ -73,7 +73,8 @@ def _embedding_params(hf: PretrainedConfig) -> int:
 
 
 def _head_params(hf: PretrainedConfig) -> int:
-    return hf.vocab_size * hf.hidden_size + 2 * hf.hidden_size
+    norm = hf.hidden_size if hf.model_type == "llama" else 2 * hf.hidden_size  # RMSNorm has no bias
+    return hf.vocab_size * hf.hidden_size + norm
 
 
 # ------------------------------------------------------------------------------------------ partitioning

@@ -204,11 +204,15 @@ def resume(worker, directory: str) -> None:
 def run_peer(cfg, args, shard: tuple[int, int]) -> int:
     from swarm_peer.baseline import resolve_device
     from swarm_peer.data import ShardSampler, load_corpus, validation_microbatches
+    from swarm_peer.memory import check_fits
     from swarm_peer.records import local_public_key, make_validators
     from swarm_peer.stage_worker import StageWorker
     from swarm_peer.transport import LoopThread
 
     device = resolve_device(cfg.run.device)
+    memory = check_fits(cfg, args.stage, device)  # before anything is allocated
+    print(f"[stage {args.stage}] memory estimate ({device.type}, {cfg.swarm.sync_mode}, {cfg.swarm.max_inflight} "
+          f"microbatches in flight): {memory.describe()}", flush=True)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
