@@ -20,6 +20,14 @@ import torch
 from swarm_peer.config import OuterOptimConfig
 
 
+CHUNK = 1 << 20  # values per slice of the outer step's float64 arithmetic (8 MiB temporaries, not a tensor's size)
+
+
+def squared_norm(tensors: list[torch.Tensor]) -> float:
+    """Σ x² in float64, slice by slice (no float64 copy of a whole tensor)."""
+    return sum(float(s.double().pow(2).sum()) for t in tensors for s in t.reshape(-1).split(CHUNK))
+
+
 class OuterOptimizer:
     def __init__(self, local_params: list[torch.Tensor], cfg: OuterOptimConfig):
         self.lr, self.momentum = cfg.lr, cfg.momentum
@@ -43,11 +51,13 @@ class OuterOptimizer:
                 for d, g in zip(averaged_pseudo_gradient, self.global_params)):
             raise ValueError("pseudo-gradient has the wrong shape or non-finite values; outer step refused")
         for g, b, delta in zip(self.global_params, self.buffers, averaged_pseudo_gradient):
-            d = delta.to(torch.float64, copy=True)
-            buf = b.to(torch.float64).mul_(self.momentum).add_(d)
-            update = d.add_(buf, alpha=self.momentum) if self.nesterov else buf
-            b.copy_(buf)
-            g.copy_(g.to(torch.float64).sub_(update, alpha=self.lr))
+            # in slices: the float64 temporaries stay small (elementwise, so the result does not depend on them)
+            for g_, b_, delta_ in zip(*(t.view(-1).split(CHUNK) for t in (g, b, delta))):
+                d = delta_.to(torch.float64, copy=True)
+                buf = b_.to(torch.float64).mul_(self.momentum).add_(d)
+                update = d.add_(buf, alpha=self.momentum) if self.nesterov else buf
+                b_.copy_(buf)
+                g_.copy_(g_.to(torch.float64).sub_(update, alpha=self.lr))
 
     @torch.no_grad()
     def load_into(self, local_params: list[torch.Tensor]) -> None:
@@ -84,7 +94,7 @@ def tensors_hash(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())  # its buffer, not a copy
     return h.hexdigest()[:16]
 
 

@@ -107,3 +107,33 @@ def check_fits(cfg: Config, stage: int, device: torch.device) -> MemoryEstimate:
                           f"smaller data.microbatch_size or swarm.max_inflight, swarm.sync_mode=none, or "
                           f"run.memory_check=false to start anyway")
     return est
+
+
+def footprint() -> dict[str, int]:
+    """This process and every descendant (the DHT and averager processes, p2pd, the reaper): proportional set size,
+    so pages they share (forked copy-on-write, shared-memory buffers) count once. name:pid -> bytes."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            info = proc.memory_full_info()
+            out[f"{proc.name()}:{proc.pid}"] = int(getattr(info, "pss", info.rss))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+class FootprintPeak:
+    """The largest whole-peer footprint seen by `sample()` and its split by process at that moment."""
+
+    def __init__(self):
+        self.total, self.by_process = 0, {}
+
+    def sample(self) -> int:
+        now = footprint()
+        total = sum(now.values())
+        if total > self.total:
+            self.total, self.by_process = total, now
+        return total

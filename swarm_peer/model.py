@@ -255,6 +255,14 @@ def build_stage(cfg: Config, stage: int | None) -> StageModel:
     return model
 
 
+def stage_param_shapes(cfg: Config, stage: int) -> list[torch.Size]:
+    """The shapes of `stage`'s parameters in `build_stage`'s order, nothing allocated (meta device)."""
+    hf = hf_config(cfg.model)
+    spec = stage_spec(cfg, stage, hf)
+    with torch.device("meta"):
+        return [p.shape for p in StageModel(hf, spec.start, spec.end, spec.is_first, spec.is_last).parameters()]
+
+
 def _load_pretrained(model: StageModel, name_or_path: str) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -24,7 +24,7 @@ from hivemind.utils import get_dht_time
 from swarm_peer.compute import BACKWARD, FORWARD, STEP, ComputeThread, GradientWindow, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.data import Microbatch, ShardSampler
-from swarm_peer.model import mates_fingerprint, stage_fingerprint, stage_spec
+from swarm_peer.model import mates_fingerprint, stage_fingerprint, stage_param_shapes, stage_spec
 from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
 from swarm_peer.run_end import unbacked_grace, upstream_done
@@ -55,17 +55,20 @@ class StageWorker:
         self.cfg, self.stage, self.dht, self.p2p, self.run_id = cfg, stage, dht, p2p, run_id
         self.swarm_key = swarm_key  # private swarm: our requests carry its token, we refuse requests without
         self.spec = stage_spec(cfg, stage)
-        self.trainer = StageTrainer(cfg, stage, device, test_delay)
         self.compute = ComputeThread()
+        self.fingerprint = stage_fingerprint(cfg, stage)
+        # the averager process first (forked before the model exists, it shares no page the trainer writes later)
+        self.sync = StageSync(cfg, stage, dht, run_id, stage_param_shapes(cfg, stage), self.compute, self.fingerprint,
+                              swarm_key)
+        self.trainer = StageTrainer(cfg, stage, device, test_delay)
+        self.sync.attach(self.trainer)
         self.sampler = sampler
         self.client_mode = client_mode
         self.peer_id = str(dht.peer_id)
-        self.fingerprint = stage_fingerprint(cfg, stage)
         self.mates_fingerprint = mates_fingerprint(cfg, stage)
         self.next_fingerprint = stage_fingerprint(cfg, stage + 1) if not self.spec.is_last else None
         self.announcer = Announcer(dht, run_id, subkey, cfg.swarm.record_ttl)
         self.router = Router(cfg.data.microbatch_size, max_timeout=cfg.swarm.request_timeout)
-        self.sync = StageSync(cfg, stage, dht, run_id, self.trainer, self.compute, self.fingerprint, swarm_key)
         self._sync_waiters: list[asyncio.Future] = []  # callers waiting for a round run by the stepper
         self.address, self.val_batches = address[:256], list(val_batches)
         self.checkpoint_dir: str | None = None  # set by the CLI (--checkpoint-dir)

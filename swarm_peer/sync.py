@@ -35,7 +35,7 @@ from swarm_peer.averaging import FAILED_VALUES, RECEIVED, SENT, StageAverager, w
 from swarm_peer.compression import compression_strategy
 from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
-from swarm_peer.diloco import OuterOptimizer, tensors_hash
+from swarm_peer.diloco import OuterOptimizer, squared_norm, tensors_hash
 from swarm_peer.records import StageRecord
 from swarm_peer.sync_rules import (Progress, choose_donors, group_clock, group_hash, round_bits, round_due,
                                    state_problem, vouched)
@@ -50,12 +50,16 @@ class StageSync:
     """One peer's side of its stage's rounds. Torch work runs on the peer's compute thread; blocking hivemind calls
     in executor threads; decisions read the stage's records that the worker refreshes (`others`)."""
 
-    def __init__(self, cfg: Config, stage: int, dht, run_id: str, trainer: StageTrainer, compute: ComputeThread,
+    def __init__(self, cfg: Config, stage: int, dht, run_id: str, shapes: list[torch.Size], compute: ComputeThread,
                  fingerprint: str, swarm_key=None):
-        self.cfg, self.mode, self.trainer, self.compute = cfg, cfg.swarm.sync_mode, trainer, compute
+        """Starts the averager process: call before the stage's model and optimizer exist, then `attach(trainer)`.
+        A forked child keeps a private copy of every page its parent writes after the fork: forked after the
+        model, the averager held a stale copy of the weights and the outer state (1.5 GB at GPT-2-small size)."""
+        self.cfg, self.mode, self.compute = cfg, cfg.swarm.sync_mode, compute
         self.me, self.fingerprint = str(dht.peer_id), fingerprint
-        self.outer = OuterOptimizer(trainer.params, cfg.optim.outer) if self.mode == "diloco" else None
-        self.progress = Progress(global_hash=self._state_hash())
+        self.trainer: StageTrainer | None = None
+        self.outer: OuterOptimizer | None = None
+        self.progress = Progress(global_hash="")
         self.others: list[StageRecord] = []
         self.silent: list[StageRecord] = []  # stage peers whose records stopped being refreshed (gone, or just slow)
         self.departed: list[StageRecord] = []  # stage peers whose fresh records say finished/offline
@@ -68,7 +72,7 @@ class StageSync:
         self.declines: dict[str, tuple[int, float]] = {}  # donor -> (refusals in a row, time of the first)
         if self.mode != "none":
             sw = cfg.swarm
-            self.buffers = [torch.zeros(p.shape, dtype=torch.float32) for p in trainer.params]
+            self.buffers = [torch.zeros(shape, dtype=torch.float32) for shape in shapes]
             self.own = [torch.zeros_like(b) for b in self.buffers]  # my contribution, refilled before each attempt
             self.averager = StageAverager(
                 self.buffers, dht, get_state=self._state_for_download, prefix=f"{run_id}_avg{stage}", start=True,
@@ -77,6 +81,11 @@ class StageSync:
                 compression=compression_strategy(sw.compression.averaging), allreduce_timeout=sw.averaging_timeout / 2,
                 next_chunk_timeout=sw.averaging_chunk_timeout, client_mode=False, declare_state_period=10,
                 swarm_key=swarm_key)
+
+    def attach(self, trainer: StageTrainer) -> None:
+        self.trainer = trainer
+        self.outer = OuterOptimizer(trainer.params, self.cfg.optim.outer) if self.mode == "diloco" else None
+        self.progress = Progress(global_hash=self._state_hash())
 
     # ---- what this peer's state is, and what a downloader gets
     def _state_hash(self) -> str:
@@ -251,7 +260,7 @@ class StageSync:
                 log.warning(f"stage round {r}: the average is not finite; applying this peer's own update")
                 own_update()
                 averaged = False
-            norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta))
+            norm = math.sqrt(squared_norm(delta))
             if self.outer:
                 self.outer.step(delta)
                 self.outer.load_into(self.trainer.params)

@@ -14,6 +14,7 @@ import time
 import torch
 from hivemind.utils import get_dht_time
 
+from swarm_peer.memory import FootprintPeak
 from swarm_peer.records import MetricRecord, store_metric_record
 
 log = logging.getLogger("swarm_peer")
@@ -27,6 +28,7 @@ class PeerTelemetry:
         self.eval_step = 0
         self.eval_curve: list[list[float]] = []
         self._window_tokens = 0
+        self.footprint = FootprintPeak()
 
     def on_loss(self, loss: float) -> None:
         if math.isfinite(loss):
@@ -81,6 +83,7 @@ class PeerTelemetry:
         last_t, last_samples = time.monotonic(), 0
         while True:
             await asyncio.sleep(every)
+            await asyncio.get_running_loop().run_in_executor(None, self.footprint.sample)
             now, samples = time.monotonic(), w.trainer.samples_stepped
             rate = (samples - last_samples) * w.cfg.data.seq_len / max(now - last_t, 1e-6)
             loss = f" | loss {w.loss_curve[-1][1]:.4f}" if w.loss_curve else ""
@@ -104,11 +107,14 @@ def memory_report(w) -> dict:
     params = nbytes(w.trainer.params)
     grads = nbytes(p.grad for p in w.trainer.params if p.grad is not None)
     inner = nbytes(t for st in w.trainer.opt.state.values() for t in st.values() if torch.is_tensor(t))
-    outer = nbytes(w.sync.outer.state_tensors()) if w.sync.outer else 0
+    outer = nbytes([*w.sync.outer.global_params, *w.sync.outer.buffers]) if w.sync.outer else 0
     buffers = 2 * nbytes(w.sync.buffers) if w.sync.averager is not None else 0  # buffers + own copy
     # boundary activations of the microbatches in flight (a lower bound: autograd also keeps inner ones)
     d = w.cfg.data
     acts = w.cfg.swarm.max_inflight * d.microbatch_size * d.seq_len * w.trainer.model.hf.hidden_size * 4
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "params_bytes": params,
+    w.telemetry.footprint.sample()
+    peak = w.telemetry.footprint
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_footprint_pss_bytes": peak.total, "footprint_by_process": peak.by_process, "params_bytes": params,
             "grads_bytes": grads, "inner_optimizer_bytes": inner, "outer_state_bytes": outer,
             "averaging_buffers_bytes": buffers, "inflight_activation_bytes": acts}
