@@ -345,7 +345,10 @@ class StageTrainer:
     @torch.no_grad()
     def set_gradients(self, grads: list[torch.Tensor]) -> None:
         for p, g in zip(self.params, grads):
-            p.grad = g.to(p.device, p.dtype).clone()
+            if p.grad is None:
+                p.grad = g.to(p.device, p.dtype).clone()
+            else:
+                p.grad.copy_(g)  # in place: no second set of gradients while the old one is freed
 
     def inner_state_tensors(self) -> tuple[int, list[torch.Tensor]]:
         """(AdamW step count, [exp_avg..., exp_avg_sq...]) as CPU copies; zeros before the first step."""

@@ -1,8 +1,8 @@
 """What a peer's stage needs in memory, known before anything is allocated, and whether this machine has it.
 
 The state a mode needs, in fp32 (4 bytes a value) per stage parameter: weights + gradients + AdamW's two moments
-(16 B); DiLoCo adds the global copy and the outer momentum (8 B, on the CPU) and the averager's input buffers (8 B:
-the shared buffer and this peer's contribution); sync mode the averager's buffers only. Activations: what autograd
+(16 B); DiLoCo adds the global copy and the outer momentum (8 B, on the CPU); both sync modes the averager's
+shared input buffer (4 B). Activations: what autograd
 keeps per microbatch in flight, measured at GPT-2 small's shape (CPU, fp32, SDPA attention): ~36 fp32 values per
 token and hidden unit per block (no seq² term: attention scores are not kept), plus the logits and their log-softmax
 on the last stage (`scripts/bench.py` part g checks the estimate against a running peer's PSS).
@@ -70,7 +70,7 @@ def estimate(cfg: Config, stage: int) -> MemoryEstimate:
     mode = cfg.swarm.sync_mode
     return MemoryEstimate(weights=4 * n, gradients=4 * n, inner_optimizer=8 * n,
                           outer_state=8 * n if mode == "diloco" else 0,
-                          averaging_buffers=8 * n if mode != "none" else 0,
+                          averaging_buffers=4 * n if mode != "none" else 0,
                           activations=cfg.swarm.max_inflight * per_microbatch)
 
 

@@ -73,7 +73,6 @@ class StageSync:
         if self.mode != "none":
             sw = cfg.swarm
             self.buffers = [torch.zeros(shape, dtype=torch.float32) for shape in shapes]
-            self.own = [torch.zeros_like(b) for b in self.buffers]  # my contribution, refilled before each attempt
             self.averager = StageAverager(
                 self.buffers, dht, get_state=self._state_for_download, prefix=f"{run_id}_avg{stage}", start=True,
                 min_group_size=2, target_group_size=None, initial_group_bits=round_bits(0),
@@ -157,8 +156,10 @@ class StageSync:
         return choose_donors(self.me, self.progress, self.others)
 
     # ---- a round
-    def _average(self, r: int, weight: float, clock: float, refresh) -> tuple[dict | None, str]:
-        """Blocking: attempts until one completes or the round's deadline. Returns (gathered, outcome)."""
+    def _average(self, r: int, weight: float, clock: float, refresh, contribute) -> tuple[dict | None, str]:
+        """Blocking: attempts until one completes or the round's deadline. Returns (gathered, outcome). Each attempt
+        writes this peer's contribution afresh into the averager's buffers (`contribute`, on the compute thread): a
+        failed attempt leaves them partly averaged, and no second full-size copy is kept to refill them from."""
         deadline = time.monotonic() + self.cfg.swarm.averaging_timeout
         attempts, last_error = 0, ""
         while time.monotonic() < deadline:
@@ -177,8 +178,7 @@ class StageSync:
                     return None, "alone (stage peers completed this round and left)"  # stopped): no second hash
                 return None, "alone"
             with self.averager.get_tensors() as tensors:
-                for t, mine in zip(tensors, self.own):
-                    t.copy_(mine)
+                self.compute.call(STEP, lambda: contribute(tensors))
             self.averager.set_group_bits(round_bits(r))
             self.averager.set_target_group_size(1 + len(joinable))
             attempts += 1
@@ -216,14 +216,16 @@ class StageSync:
         samples = self.progress.round_samples if self.outer else completed_samples
         # an idle peer's Δ = 0 must not dilute the average; never 0 (a group of all-zero weights would divide 0 by 0)
         weight = float(samples) if samples > 0 else 1e-6
-        if self.outer:
-            await self.compute.run(STEP, lambda: self.outer.pseudo_gradient(self.trainer.params, out=self.own))
-            clock = self.trainer.clock
-        else:
-            await self.compute.run(STEP, lambda: self.trainer.mean_gradients(completed_samples, self.own))
-            clock = await self.compute.run(STEP, self.trainer.position)  # the step this average is for
+        def contribute(out: list[torch.Tensor]) -> None:  # local weights and p.grad are unchanged during a round
+            if self.outer:  # (the window is closed)
+                self.outer.pseudo_gradient(self.trainer.params, out=out)
+            else:
+                self.trainer.mean_gradients(completed_samples, out)
+
+        clock = self.trainer.clock if self.outer else await self.compute.run(STEP, self.trainer.position)  # sync
+        # mode: the step this average is for
         before = list(self.averager.traffic)
-        gathered, outcome = await loop.run_in_executor(None, self._average, r, weight, clock, refresh)
+        gathered, outcome = await loop.run_in_executor(None, self._average, r, weight, clock, refresh, contribute)
         if outcome == "behind":
             self.progress.syncing = False
             log.warning(f"stage round {r}: the stage is ahead of this peer; recovering its state")
@@ -237,62 +239,60 @@ class StageSync:
             if not group_ok:
                 log.warning(f"stage round {r}: groupmates started from other weights; this peer's result won't vote")
 
-        def read_average():
-            # an executor thread waits for the averager's lock (held while a timed-out attempt still runs in the
-            # averager process), never the compute thread: training and serving go on meanwhile
-            with self.averager.get_tensors() as tensors:
-                for mine, t in zip(self.own, tensors):
-                    mine.copy_(t)
-
-        def own_update():  # local weights and p.grad are unchanged during a round (the window is closed)
-            if self.outer:
-                self.outer.pseudo_gradient(self.trainer.params, out=self.own)
-            else:
-                self.trainer.mean_gradients(completed_samples, self.own)
-
-        if averaged:
-            await loop.run_in_executor(None, read_average)
-
-        def apply():
+        def apply(delta: list[torch.Tensor]) -> float:  # delta: the averager's buffers, the average or ours
             nonlocal averaged
-            delta = self.own  # the average, or this peer's own update
-            if averaged and not all(torch.isfinite(d).all() for d in delta):  # e.g. every groupmate had weight 0
+            if not averaged:
+                contribute(delta)
+            elif not all(torch.isfinite(d).all() for d in delta):  # e.g. every groupmate had weight 0
                 log.warning(f"stage round {r}: the average is not finite; applying this peer's own update")
-                own_update()
+                contribute(delta)
                 averaged = False
             norm = math.sqrt(squared_norm(delta))
+            self.progress.round_ok = group_ok and (averaged or outcome == "alone")
             if self.outer:
                 self.outer.step(delta)
                 self.outer.load_into(self.trainer.params)
                 # a peer done training keeps its clock at the run's end: it only pulls late groupmates forward
                 self.trainer.clock = clock if self.training else max(self.trainer.clock, clock)
+                self._advance(r + 1)  # on the compute thread with the step: a state snapshot (also taken there)
+                # never pairs the new weights with the old round and hash
             else:
                 self.trainer.set_gradients(delta)
             return norm
 
-        norm = await self.compute.run(STEP, apply)
+        def apply_locked() -> float:
+            # an executor thread waits for the averager's lock (held while a timed-out attempt still runs in the
+            # averager process and may write the buffers), never the compute thread: training and serving go on
+            with self.averager.get_tensors() as tensors:
+                return self.compute.call(STEP, lambda: apply(tensors))
+
+        norm = await loop.run_in_executor(None, apply_locked)
         after = list(self.averager.traffic)
-        self.progress.round_ok = group_ok and (averaged or outcome == "alone")
         metrics = {"round": r, "group_size": len(gathered) if averaged else 1, "outcome": outcome, "clock": clock,
                    "ok": self.progress.round_ok, "samples": samples, "pseudo_grad_norm" if self.outer else "grad_norm": norm,
                    "bytes_sent": after[SENT] - before[SENT], "bytes_received": after[RECEIVED] - before[RECEIVED],
                    "unaveraged_values": after[FAILED_VALUES] - before[FAILED_VALUES],
                    "seconds": time.monotonic() - t0}
         if self.outer:  # sync mode: the hash is taken after the AdamW step (end_sync_round)
-            self._finish_round(r + 1, metrics)
+            self._record(metrics)
             await publish()
         return metrics
 
-    def _finish_round(self, next_round: int, metrics: dict) -> None:
+    def _advance(self, next_round: int) -> None:
         self.progress.global_hash = self._state_hash()
         self.progress.round, self.progress.round_steps, self.progress.round_samples = next_round, 0, 0
         self.progress.syncing = False
+
+    def _record(self, metrics: dict) -> None:
         metrics["weights_hash"] = self.progress.global_hash
         self.rounds.append(metrics)
 
     async def end_sync_round(self, metrics: dict, publish) -> None:
         """sync mode, after the AdamW step on the averaged gradient: the new weights define the next round."""
-        await self.compute.run(STEP, lambda: self._finish_round(metrics["round"] + 1, metrics))
+        def finish():
+            self._advance(metrics["round"] + 1)
+            self._record(metrics)
+        await self.compute.run(STEP, finish)
         await publish()
 
     # ---- recovery and joining
@@ -327,8 +327,8 @@ class StageSync:
         self.distrusted[donor] = time.monotonic() + UNBACKED_CLAIM_S
 
     def _count_declines(self, donors: list[str]) -> None:
-        """An honest donor declines only while its record lags a failed round (an announce period); one whose record
-        goes on claiming an agreed state it keeps declining to serve is not believed."""
+        """An honest donor ahead of us declines only while its record lags a failed round (an announce period); one
+        whose record goes on claiming an agreed later state it keeps declining to serve is not believed."""
         now, declined = time.monotonic(), set(self.averager.last_declined)
         for donor in donors:
             if donor not in declined:
@@ -350,7 +350,9 @@ class StageSync:
                                             timeout)
         for donor in self.averager.last_unserved:  # its record claims a state, no averager of its answers: a record
             self._distrust(donor, "runs no averager")  # with nothing behind it is not believed for a while
-        self._count_declines(donors)
+        # a round ahead of ours that its peer will not serve is a claim nobody backs; a mate at our round that
+        # declines is merely not sharing
+        self._count_declines([o.peer_id for o in self.others if o.peer_id in donors and o.round > self.progress.round])
         if result is None:
             log.warning(f"could not download the stage state from {len(donors)} donor(s); will retry")
             return False

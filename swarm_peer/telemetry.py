@@ -108,7 +108,7 @@ def memory_report(w) -> dict:
     grads = nbytes(p.grad for p in w.trainer.params if p.grad is not None)
     inner = nbytes(t for st in w.trainer.opt.state.values() for t in st.values() if torch.is_tensor(t))
     outer = nbytes([*w.sync.outer.global_params, *w.sync.outer.buffers]) if w.sync.outer else 0
-    buffers = 2 * nbytes(w.sync.buffers) if w.sync.averager is not None else 0  # buffers + own copy
+    buffers = nbytes(w.sync.buffers) if w.sync.averager is not None else 0  # shared with the averager process
     # boundary activations of the microbatches in flight (a lower bound: autograd also keeps inner ones)
     d = w.cfg.data
     acts = w.cfg.swarm.max_inflight * d.microbatch_size * d.seq_len * w.trainer.model.hf.hidden_size * 4

@@ -34,16 +34,16 @@ if "perturb_round" in faults:
 
     from swarm_peer.sync import StageSync
 
-    _finish = StageSync._finish_round
+    _advance = StageSync._advance
     target = int(faults["perturb_round"])
 
-    def _finish_round(self, next_round, metrics):
+    def _advance_perturbed(self, next_round):
         if next_round == target + 1 and self.outer is not None:
             with torch.no_grad():
                 self.outer.global_params[0].add_(1e-3)  # the global copy of the first parameter
-        _finish(self, next_round, metrics)
+        _advance(self, next_round)
 
-    StageSync._finish_round = _finish_round
+    StageSync._advance = _advance_perturbed
 
 if "fail_after_allreduce" in faults:
     from hivemind.averaging.partition import AllreduceException
