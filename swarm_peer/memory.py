@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm_peer.config import Config, ConfigError
-from swarm_peer.model import hf_config, stage_layer_ranges, stage_param_shapes
+from swarm_peer.model import _block_params, _embedding_params, _head_params, hf_config, stage_layer_ranges
 
 GB = 1e9
 RUNTIME_BYTES = int(0.7 * GB)  # torch, transformers, hivemind, the DHT and averager processes, p2pd, buffers of I/O
@@ -23,7 +23,11 @@ BLOCK_ACTIVATION_VALUES = 36  # kept per token x hidden unit per block (measured
 
 def stage_parameter_count(cfg: Config, stage: int) -> int:
     """Parameters of `stage` from the model's shape alone (nothing allocated)."""
-    return sum(shape.numel() for shape in stage_param_shapes(cfg, stage))
+    hf = hf_config(cfg.model)
+    start, end = stage_layer_ranges(cfg, hf)[stage]
+    last = stage == cfg.swarm.num_stages - 1
+    return (end - start) * _block_params(hf) + (_embedding_params(hf) if stage == 0 else 0) + (
+        _head_params(hf) if last else 0)
 
 
 @dataclass(frozen=True)

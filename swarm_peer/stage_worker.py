@@ -8,9 +8,7 @@ Flow of one microbatch (one RPC per hop carries activations forward and gradient
 
 Each hop picks its next peer with the Router (stochastic wiring) and retries elsewhere on failure, so a dead peer
 costs a retry of one hop, not of the whole microbatch. All of this runs on one asyncio loop; torch work goes to the
-compute thread (compute.py). The worker is composed of parts in their own modules: serving and the hop downstream
-(stage_server.py), stage 0's evaluation (evaluation.py), state recovery (recovery.py) and the end of the run
-(run_end.py); here: the record, discovery, the stepper, driving stage 0 and the lifecycle.
+compute thread (compute.py).
 """
 from __future__ import annotations
 
@@ -29,15 +27,17 @@ from swarm_peer.data import Microbatch, ShardSampler
 from swarm_peer.model import mates_fingerprint, stage_fingerprint, stage_param_shapes, stage_spec
 from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
-from swarm_peer.evaluation import StageEvaluation
-from swarm_peer.recovery import StageRecovery
-from swarm_peer.run_end import StageRunEnd, unbacked_grace, upstream_done
-from swarm_peer.stage_server import StageServing
+from swarm_peer.run_end import unbacked_grace, upstream_done
 from swarm_peer.sync import StageSync
 from swarm_peer.sync_rules import format_round, mismatched_mates, stage_peers
 from swarm_peer.telemetry import PeerTelemetry, memory_report
+from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
+from swarm_peer.validation import (RequestShape, checked_values, validate_hidden_request, validate_sample_position,
+                                   validate_token_request)
 
 log = logging.getLogger("swarm_peer")
+MAX_HOP_ATTEMPTS = 50  # per microbatch per hop; bounded so nothing retries forever
+RECOVERY_TRIES = 5  # state downloads before a peer goes on with its own state (backoff 1, 2, 4, 8 s between)
 
 
 def config_summary(cfg: Config, stage: int) -> str:
@@ -47,7 +47,7 @@ def config_summary(cfg: Config, stage: int) -> str:
             f"layers[{spec.start}:{spec.end}] of {cfg.swarm.num_stages} stages, seq {cfg.data.seq_len}")[:200]
 
 
-class StageWorker(StageServing, StageEvaluation, StageRecovery, StageRunEnd):
+class StageWorker:
     def __init__(self, cfg: Config, stage: int, dht, p2p, run_id: str, subkey: bytes, device: torch.device,
                  sampler: ShardSampler | None = None, client_mode: bool = False, test_delay: float = 0.0,
                  address: str = "", val_batches: list[Microbatch] = (), metrics_period: float = 10.0,
@@ -204,6 +204,83 @@ class StageWorker(StageServing, StageEvaluation, StageRecovery, StageRunEnd):
             return
         print(f"[stage {self.stage}] {format_round(metrics)}", flush=True)
 
+    async def finish_with_stage(self) -> None:
+        """Done training: stay in the stage's rounds (idle) until none of its peers trains any more, then run a final
+        round if any work is unmerged (DiLoCo). So every peer of a stage ends on the same global model."""
+        self.state, self.sync.training = "idle", False
+        await self._publish_now()
+        deadline = time.monotonic() + self.cfg.swarm.finish_timeout
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            await self._in_thread(self._refresh_stage)
+            if not any(o.state == "online" for o in self.sync.others):
+                # sync mode: every step had its round (a mate's partial last window it stepped alone: we recover it)
+                if self.sync.mode == "sync" or not self.sync.unmerged_work():
+                    return await self._linger_for_laggards()
+                try:
+                    await asyncio.wait_for(self.request_round(), 3 * self.cfg.swarm.averaging_timeout)
+                except asyncio.TimeoutError:
+                    log.warning(f"stage {self.stage}: the final round did not complete; leaving")
+                    return
+                continue
+            await asyncio.sleep(0.5)
+        log.warning(f"stage {self.stage}: stage peers still training after {self.cfg.swarm.finish_timeout:g}s; leaving")
+
+    async def _linger_for_laggards(self) -> None:
+        """Before leaving, end on the stage's model (bounded): a stage peer whose end of the last all-reduce failed
+        (e.g. our reply stream was cut) recovers from us, so we keep serving our state until it has; if our own end
+        failed, we recover from a mate that completed it."""
+        deadline = time.monotonic() + self.cfg.swarm.averaging_timeout + 2 * self.cfg.swarm.record_ttl
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            if self._disagrees():
+                await self._recover(behind=False)
+            if not any(self._waits_for(o) for o in self.sync.others):
+                return
+            await asyncio.sleep(0.5)
+            await self._in_thread(self._refresh_stage)
+
+    def _waits_for(self, other: StageRecord) -> bool:
+        mine = self.sync.progress
+        if mine.round_ok:  # we can serve the stage's model: laggards recover from us
+            return other.round < mine.round or (other.round == mine.round and not other.round_ok)
+        return other.round < mine.round and other.round_ok  # it may complete the round we failed: then we recover
+
+    def _disagrees(self) -> bool:
+        """Our weights differ from the stage majority's and it is time to try recovering (not soon after giving up)."""
+        return bool(self.sync.donors()) and self.sync.progress.round >= self._retry_recovery_at
+
+    async def _recover(self, behind: bool) -> bool:
+        """Download the stage's state (we are behind it, or our weights disagree with its majority), retrying with
+        backoff while donors fail or none is visible; then go on with this peer's own state, not voting
+        (round_ok false), rather than never step again."""
+        async with self._recovering:  # the stepper and the end of the run may both want it
+            return await self._recover_once(behind)
+
+    async def _recover_once(self, behind: bool) -> bool:
+        reason = "behind the stage" if behind else "weights disagree"
+        for attempt in range(RECOVERY_TRIES):
+            if behind and attempt and not any(o.round > self.sync.progress.round and o.round_ok for o in self.sync.others):
+                behind = False  # the peers ahead are gone or were not believed (an unbacked claim)
+            donors = self.sync.donors() or (self.sync.top_peers() if behind else [])
+            if not donors and not behind:
+                return True  # the disagreement resolved itself (e.g. the majority moved to our hash)
+            if donors and await self.sync.recover(donors, reason, self._refresh_stage):
+                self._recovery_backoff = 1
+                return True
+            if self.stop_event.is_set():
+                return False
+            await asyncio.sleep(min(2.0 ** attempt, 8.0))
+            await self._in_thread(self._refresh_stage)
+        log.warning(f"stage {self.stage}: no stage peer could serve the stage state ({reason}) after "
+                    f"{RECOVERY_TRIES} tries; continuing on this peer's own weights, not voting until a round agrees")
+        top = max((o.round for o in self.sync.others if o.round_ok), default=self.sync.progress.round)
+        self.sync.progress.round = max(self.sync.progress.round, top)  # take part in the stage's rounds again
+        self.sync.progress.round_ok = False
+        # next try: some rounds later (each try costs its backoff), not at every step
+        self._retry_recovery_at = self.sync.progress.round + self._recovery_backoff
+        self._recovery_backoff = min(2 * self._recovery_backoff, 16)
+        await self._publish_now()
+        return False
+
     async def save_checkpoint(self, reason: str) -> None:
         """Atomic checkpoint of this peer's state (captured on the compute thread, written in another)."""
         from swarm_peer.checkpoint import capture, checkpoint_path, write_atomic
@@ -224,6 +301,158 @@ class StageWorker(StageServing, StageEvaluation, StageRecovery, StageRunEnd):
         self._sync_waiters.append(future)
         self.window.close()
         await future
+
+    # -------------------------------------------------------------------------------------- downstream
+    async def send_downstream(self, meta: dict, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[dict, list]:
+        """Send one microbatch to a next-stage peer chosen by the router; retry elsewhere until one answers."""
+        from hivemind.p2p import PeerID
+
+        tensors = [hidden.detach().to("cpu"), labels.to("cpu", torch.int32)]
+        failures, busy_wait = 0, 0.02
+        deadline = time.monotonic() + 10 * self.cfg.swarm.request_timeout
+        while failures < MAX_HOP_ATTEMPTS and time.monotonic() < deadline:
+            if self.stop_event.is_set():
+                raise RuntimeError("peer is shutting down")
+            peer = self.router.choose()
+            if peer is None and time.monotonic() - self.downstream_seen_at > self.cfg.swarm.upstream_timeout:
+                raise RuntimeError(f"no stage {self.stage + 1} peer visible for swarm.upstream_timeout")
+            if peer is None:
+                now = time.monotonic()
+                if now - self._last_wait_log > 10:
+                    log.warning(f"stage {self.stage + 1} has no live peers; waiting")
+                    self._last_wait_log = now
+                await asyncio.sleep(0.5)
+                continue
+            self.router.started(peer)
+            t0 = time.monotonic()
+            try:
+                reply, out = await call_forward(self.p2p, PeerID.from_base58(peer), meta, tensors,
+                                                self.cfg.swarm.compression.forward, self.router.timeout(peer),
+                                                namespace=self.run_id, swarm_key=self.swarm_key)
+                if not _reply_ok(meta, out, hidden, self.trainer.model.hf.vocab_size):
+                    raise RemoteError(f"malformed reply {[tuple(t.shape) for t in out]}")
+                out = [checked_values(t, "reply values") if t.is_floating_point() else t for t in out]
+            except ValueError as e:  # bad values from that peer: it is the one banned
+                self.router.failed(peer, ban=True)
+                failures += 1
+                self.stats["retries"] += 1
+                log.warning(f"stage {self.stage + 1} peer {peer[-8:]} sent a bad reply ({e}); banned, rerouting")
+                continue
+            except RemoteError as e:
+                busy = str(e).startswith("busy")
+                self.router.failed(peer, ban=not busy)
+                if busy:  # backpressure, not a fault: back off a little and draw again
+                    self.stats["busy_replies"] += 1
+                    await asyncio.sleep(busy_wait)
+                    busy_wait = min(0.5, busy_wait * 1.5)
+                    continue
+                failures += 1
+                self.stats["retries"] += 1
+                log.warning(f"stage {self.stage + 1} peer {peer[-8:]} rejected microbatch: {e}")
+                continue
+            except TransportError as e:
+                ban = self.router.failed(peer)
+                failures += 1
+                self.stats["retries"] += 1
+                log.warning(f"stage {self.stage + 1} peer {peer[-8:]} failed ({e}); banned {ban:.0f}s, rerouting")
+                continue
+            self.router.succeeded(peer, time.monotonic() - t0)
+            return reply, out
+        raise RuntimeError(f"no stage {self.stage + 1} peer took the microbatch ({failures} failures)")
+
+    # ----------------------------------------------------------------------------------------- serving
+    def _shape(self) -> RequestShape:
+        hf = self.trainer.model.hf
+        return RequestShape(self.cfg.data.microbatch_size, self.cfg.data.seq_len, hf.hidden_size, hf.vocab_size)
+
+    async def handle(self, meta: dict, tensors: list, remote) -> tuple[dict, list]:
+        if self.state != "online":
+            raise RuntimeError(f"busy: peer is {self.state}")
+        if self.spec.is_first:  # stage 0 owns the data: it serves only inference (eval / sample) from token ids
+            ids, labels = validate_token_request(meta, tensors, self._shape())
+            return await self._handle_eval(meta, ids, labels)
+        samples, hidden, labels = validate_hidden_request(meta, tensors, self._shape())
+        if self.window.waiting + self.window.pending >= 2 * self.cfg.swarm.max_inflight:
+            raise RuntimeError("busy: queue full")  # backpressure: the sender reroutes
+        if self.sync.progress.syncing:
+            raise RuntimeError("busy: synchronizing with stage peers")
+        if meta.get("eval") or "sample" in meta:
+            return await self._handle_eval(meta, hidden, labels)
+        await self.window.admit(samples, rejectable=True)
+        ticket = self.trainer.ticket(meta["mb"], samples, meta.get("clock", -1.0))
+        ok = False
+        try:
+            if self.spec.is_last:
+                grad, loss = await self.compute.run(BACKWARD, lambda: self.trainer.forward_backward_last(
+                    hidden, labels, ticket))
+                self._step_losses.append(loss)
+                self.telemetry.on_loss(loss)
+                reply = {"loss": loss}
+            else:
+                pending = await self.compute.run(FORWARD, lambda: self.trainer.forward(hidden))
+                # never forward what the next peer must refuse (it would be banned for refusing): the caller's input
+                # is what made it, so the caller gets the error
+                checked_values(pending.outputs.detach(), "activations this input produces")
+                reply, (grad_out,) = await self.send_downstream(meta, pending.outputs, labels)
+                grad = await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out, ticket))
+            ok = True
+            self.stats["microbatches"] += 1
+            self.upstream_heard_at = time.monotonic()
+            return {k: v for k, v in reply.items() if k == "loss"}, [grad.to("cpu")]
+        finally:
+            if not ok:  # failed, or cancelled by a caller that timed out: a queued backward must not run
+                ticket.abandoned = True
+            self.window.finish()
+
+    async def _handle_eval(self, meta: dict, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[dict, list]:
+        """No gradients, no window: eval returns the last stage's loss, sample its logits at position `sample`."""
+        validate_sample_position(meta, self.cfg.data.seq_len)
+        if self.spec.is_last:
+            if "sample" in meta:
+                logits = await self.compute.run(FORWARD, lambda: self.trainer.forward_no_grad(hidden))
+                return {}, [logits[:, meta["sample"]].float().cpu()]
+            return {"loss": await self.compute.run(FORWARD, lambda: self.trainer.evaluate_last(hidden, labels))}, []
+        out = await self.compute.run(FORWARD, lambda: self.trainer.forward_no_grad(hidden))
+        reply, tensors = await self.send_downstream(meta, out, labels)
+        return {k: v for k, v in reply.items() if k == "loss"}, tensors
+
+    async def evaluate(self) -> float | None:
+        """Stage 0: send the held-out microbatches through the pipeline without gradients; mean validation loss."""
+        losses = []
+        for i, mb in enumerate(self.val_batches):
+            if self.spec.is_last:  # a single stage evaluates on its own
+                losses.append(await self.compute.run(FORWARD, lambda: self.trainer.evaluate_last(mb.input_ids, mb.labels)))
+                continue
+            out = await self.compute.run(FORWARD, lambda: self.trainer.forward_no_grad(mb.input_ids))
+            meta = {"mb": f"{self.peer_id[-12:]}:eval{i}", "n": mb.input_ids.shape[0], "eval": True}
+            try:
+                reply, _ = await self.send_downstream(meta, out, mb.labels)
+            except Exception as e:
+                log.warning(f"stage 0: evaluation incomplete: {e}")
+                return None
+            if isinstance(reply.get("loss"), float) and math.isfinite(reply["loss"]):
+                losses.append(reply["loss"])
+        return sum(losses) / len(losses) if losses else None
+
+    async def eval_loop(self, max_steps: int) -> None:
+        """Stage 0: evaluate every `run.eval_interval` run steps and at the last one."""
+        every, done = self.cfg.run.eval_interval, None
+        while self.val_batches and self.state == "online" and not self.stop_event.is_set():
+            step = min(int(self.trainer.clock), max_steps)  # the run's step (a joiner starts at its stage's, not 0)
+            first = done is None
+            if first:  # a fresh run's curve starts at the untrained model (as the baseline's does); a joiner does
+                done = step  # not evaluate the state it downloaded before training it
+            if (first and step == 0) or (step != done and ((every and step // every > done // every) or step >= max_steps)):
+                done = step
+                step = step if step >= max_steps else step // every * every  # the interval crossed (a round may
+                # have moved the clock past it): every peer's evaluation of it carries the same step
+                loss = await self.evaluate()
+                if loss is not None:
+                    self.telemetry.on_eval(step, loss)
+                    print(f"[stage 0] step {step} | val loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}", flush=True)
+                if step >= max_steps:
+                    return
+            await asyncio.sleep(0.2)
 
     # ----------------------------------------------------------------------------------------- driving
     async def stepper(self) -> None:
@@ -327,6 +556,43 @@ class StageWorker(StageServing, StageEvaluation, StageRecovery, StageRunEnd):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def serve_until_upstream_done(self, idle_grace: float = 1.0) -> None:
+        """Non-first stages: serve until the previous stage has been seen and its records say it is done. A stage
+        that vanishes without a word (a network cut on either side, or all its peers crashed) is waited for
+        `swarm.upstream_timeout` seconds: a cut-off peer that is reconnected in time rejoins its stage."""
+        idle_since = None
+        while not self.stop_event.is_set():
+            await asyncio.sleep(0.25)
+            silent = time.monotonic() - self.upstream_seen_at
+            if self.seen_upstream and silent > self.cfg.swarm.upstream_timeout:
+                log.warning(f"stage {self.stage}: no peer of stage {self.stage - 1} visible for {silent:.0f}s "
+                            f"(network cut, or that stage is gone); leaving")
+                self.stats["upstream_lost"] = 1
+                break
+            done = self.seen_upstream and self.upstream_ended
+            busy = self.window.pending or self.window.waiting
+            if done and not busy:
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since >= idle_grace:
+                    if self.upstream_online:
+                        log.warning(f"stage {self.stage}: {self.upstream_online} stage-{self.stage - 1} record(s) still "
+                                    f"say online, but no microbatch came for "
+                                    f"{unbacked_grace(self.cfg.swarm.upstream_timeout):.0f}s after its other peers "
+                                    f"ended (stalled, or claims no peer backs); leaving")
+                    break
+            else:
+                idle_since = None
+        if self.window.close_partial():  # step what was accumulated: it is real gradient on real data
+            # ... and stay "online" until that step (and in sync mode its round) is done, so stage mates that are
+            # finished wait for it in their rounds instead of leaving this peer to step alone
+            deadline = time.monotonic() + 2 * self.cfg.swarm.averaging_timeout
+            while not self.window.is_open and time.monotonic() < deadline and not self.stop_event.is_set():
+                await asyncio.sleep(0.1)  # the stepper reopens the window when it is done
+
+    def servicer(self) -> StageServicer:
+        return StageServicer(self.handle, reply_codec=self.cfg.swarm.compression.backward,
+                             request_timeout=self.cfg.swarm.request_timeout, swarm_key=self.swarm_key)
+
     # ------------------------------------------------------------------------------------------ lifecycle
     async def main(self, max_steps: int) -> None:
         self.stop_event = asyncio.Event()
@@ -387,3 +653,10 @@ class StageWorker(StageServing, StageEvaluation, StageRecovery, StageRunEnd):
         }
 
 
+def _reply_ok(meta: dict, out: list, hidden: torch.Tensor, vocab: int) -> bool:
+    """The reply a request of this kind must get: a gradient like `hidden`, nothing (eval) or logits (sample)."""
+    if "sample" in meta:
+        return len(out) == 1 and tuple(out[0].shape) == (hidden.shape[0], vocab) and out[0].is_floating_point()
+    if meta.get("eval"):
+        return not out
+    return len(out) == 1 and out[0].shape == hidden.shape and out[0].is_floating_point()
