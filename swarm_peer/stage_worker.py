@@ -24,6 +24,7 @@ from hivemind.utils import get_dht_time
 from swarm_peer.compute import BACKWARD, FORWARD, STEP, ComputeThread, GradientWindow, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.data import Microbatch, ShardSampler
+from swarm_peer.evaluation import due_eval_step
 from swarm_peer.model import mates_fingerprint, stage_fingerprint, stage_param_shapes, stage_spec
 from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
@@ -436,16 +437,12 @@ class StageWorker:
 
     async def eval_loop(self, max_steps: int) -> None:
         """Stage 0: evaluate every `run.eval_interval` run steps and at the last one."""
-        every, done = self.cfg.run.eval_interval, None
+        done = None
         while self.val_batches and self.state == "online" and not self.stop_event.is_set():
-            step = min(int(self.trainer.clock), max_steps)  # the run's step (a joiner starts at its stage's, not 0)
-            first = done is None
-            if first:  # a fresh run's curve starts at the untrained model (as the baseline's does); a joiner does
-                done = step  # not evaluate the state it downloaded before training it
-            if (first and step == 0) or (step != done and ((every and step // every > done // every) or step >= max_steps)):
-                done = step
-                step = step if step >= max_steps else step // every * every  # the interval crossed (a round may
-                # have moved the clock past it): every peer's evaluation of it carries the same step
+            clock = min(int(self.trainer.clock), max_steps)  # the run's step (a joiner starts at its stage's, not 0)
+            step = due_eval_step(clock, done, self.cfg.run.eval_interval, max_steps)
+            done = clock
+            if step is not None:
                 loss = await self.evaluate()
                 if loss is not None:
                     self.telemetry.on_eval(step, loss)

@@ -22,7 +22,7 @@ def _skew(seconds: float) -> dict:
 
 
 def test_30s_clock_skew_neither_splits_a_stage_nor_the_monitor(swarm_factory, tmp_path):
-    over = ["swarm.num_stages=2", "swarm.sync_every=3", "run.metrics_period=2", "run.eval_interval=1000"]
+    over = ["swarm.num_stages=2", "swarm.sync_every=3", "run.metrics_period=2", "run.eval_interval=0"]
     swarm = swarm_factory("skew", over)
     swarm.start("c", 1)
     bootstrap = swarm.wait_ready("c")  # the swarm's clock: true time
@@ -53,6 +53,8 @@ def test_30s_clock_skew_neither_splits_a_stage_nor_the_monitor(swarm_factory, tm
     for name, seconds in (("a", -30), ("d", 30)):  # each says how far off its clock is, and goes on
         said = re.search(r"this machine's clock is ([+-][\d.]+) s off the swarm's", swarm.log(name))
         assert said and abs(float(said.group(1)) - seconds) < 1.0, swarm.log(name)[-2000:]
+    for name in ("a", "b"):  # eval_interval 0: the untrained model and the last step only (step // 0 once crashed it)
+        assert [step for step, _ in swarm.summary(name)["eval_curve"]] == [0, 30], swarm.summary(name)["eval_curve"]
     for mates in (("a", "b"), ("c", "d")):
         s = [swarm.summary(n) for n in mates]
         rounds = [r for r in s[0]["sync"]["rounds"]]

@@ -1,4 +1,5 @@
-"""Pure end-of-run decisions of a non-first stage (swarm_peer/run_end.py)."""
+"""Pure end-of-run decisions: when a later stage is done (swarm_peer/run_end.py), which step stage 0 evaluates
+(swarm_peer/evaluation.py)."""
 from swarm_peer.run_end import unbacked_grace, upstream_done
 
 
@@ -25,3 +26,14 @@ def test_after_an_upstream_peer_ended_silent_online_claims_are_believed_for_the_
 
 def test_grace_is_bounded_by_the_upstream_timeout():
     assert unbacked_grace(300.0) == 60.0 and unbacked_grace(20.0) == 20.0
+
+
+def test_evaluation_steps_of_a_run():
+    from swarm_peer.evaluation import due_eval_step
+
+    assert due_eval_step(0, None, 10, 40) == 0  # a fresh run: the untrained model first
+    assert due_eval_step(0, None, 0, 40) == 0  # ... also with eval_interval 0 (only at the end otherwise)
+    assert due_eval_step(17, None, 10, 40) is None  # a joiner: not the state it downloaded
+    assert due_eval_step(9, 8, 10, 40) is None and due_eval_step(12, 9, 10, 40) == 10  # the interval crossed
+    assert due_eval_step(25, 0, 0, 40) is None and due_eval_step(40, 39, 0, 40) == 40  # interval 0: the last step
+    assert due_eval_step(40, 40, 10, 40) is None  # not twice
