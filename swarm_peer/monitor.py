@@ -2,38 +2,90 @@
 logs the global training loss (and the rest) to Weights & Biases and a live console table.
 
 Per metrics window w (aligned on DHT time, see telemetry.py), once every peer has had time to publish it:
-    global loss   = Σ loss_sum / Σ loss_count over the last stage's records *of window w* (never mixing windows)
+    trusted       = (several stages) records of identities with confirmed work: a microbatch that its sender's
+                    record says it delivered and its receiver's record says it served, in this or an earlier
+                    window (confirmed_work); nothing else below counts the others
+    global loss   = Σ mean loss × weight / Σ weight over the last stage's records *of window w* (never mixing
+                    windows); weight = its loss_count, at most its confirmed microbatches in w (backed_losses)
     alive[i]      = peers of stage i that published window w while training (state online); expired, finished,
                     idle and non-training peers (monitors, tools) do not count
     tokens/s      = Σ tokens/s of stage-0 peers in window w;  samples = Σ stage-0 samples since start
     round[i]      = newest round among stage i's peers; hash agreement[i] = share of them holding the majority
-                    weights hash of that round;  eval loss = mean of stage-0 peers' validation losses first published in window w
+                    weights hash of that round;  eval loss = median of stage-0 peers' validation losses first published in window w
 """
 from __future__ import annotations
 
 import argparse
 import math
 import signal
+import statistics
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm_peer.config import add_config_args, config_from_args
 from swarm_peer.records import MetricRecord
 
 
-def aggregate(records: list[tuple[MetricRecord, float]], window: int, num_stages: int, now: float,
-              evals_seen: dict[str, int] | None = None) -> dict:
-    """records: (record, expiration time). Only fresh records of exactly `window` count. `evals_seen` (peer id ->
-    newest eval step already logged, updated here): a peer's validation loss is logged once per evaluation, not
-    again in every later window that still carries it."""
-    fresh = [r for r, expires in records if expires > now and r.window == window]
-    row: dict = {"window": window}
+@dataclass
+class Seen:
+    """What the monitor carries from window to window."""
+    evals: dict[str, int] = field(default_factory=dict)  # peer id -> newest eval step already logged (once each)
+    confirmed: set[str] = field(default_factory=set)  # identities another peer has confirmed work with
+
+
+def confirmed_work(fresh: list[MetricRecord]) -> dict[tuple[str, str], int]:
+    """(sender, receiver) -> training microbatches both report for one window: the sender's `delivered` to a peer of
+    the next stage, capped by that peer's `received` from it. libp2p authenticated the sender of each request, and
+    each side's record is bound to its own key, so no single identity can make up work with an honest peer."""
+    by_id = {r.peer_id: r for r in fresh}
+    pairs = {}
+    for u in fresh:
+        for peer, n in u.delivered.items():
+            v = by_id.get(peer)
+            if v is not None and peer != u.peer_id and v.stage == u.stage + 1:
+                both = min(n, v.received.get(u.peer_id, 0))
+                if both:
+                    pairs[(u.peer_id, peer)] = both
+    return pairs
+
+
+def backed_losses(fresh: list[MetricRecord], num_stages: int, pairs: dict[tuple[str, str], int]) -> list[tuple[float, int]]:
+    """(mean training loss, weight) per last-stage record of one window: the weight is its microbatch count, capped
+    by the confirmed work the previous stage handed it (a single stage trains on its own data: nobody can back it).
+    An outsider's made-up loss thus weighs nothing unless it really served the microbatches."""
     last = [r for r in fresh if r.stage == num_stages - 1 and r.loss_count > 0]
-    count = sum(r.loss_count for r in last)
+    if num_stages == 1:
+        return [(r.loss_sum / r.loss_count, r.loss_count) for r in last]
+    handed: dict[str, int] = {}
+    for (_, peer), n in pairs.items():
+        handed[peer] = handed.get(peer, 0) + n
+    out = [(r.loss_sum / r.loss_count, min(r.loss_count, handed.get(r.peer_id, 0))) for r in last]
+    return [(mean, w) for mean, w in out if w > 0]
+
+
+def aggregate(records: list[tuple[MetricRecord, float]], window: int, num_stages: int, now: float,
+              seen: Seen | None = None) -> dict:
+    """records: (record, expiration time). Only fresh records of exactly `window` count, and (with several stages)
+    only those of identities whose work another peer has confirmed in this or an earlier window: an outsider's
+    made-up records change no figure. `seen` carries that, and the evaluations already logged, across windows."""
+    seen = Seen() if seen is None else seen
+    fresh = [r for r, expires in records if expires > now and r.window == window]
+    stages: dict[str, set] = {}
+    for r in fresh:
+        stages.setdefault(r.peer_id, set()).add(r.stage)
+    fresh = [r for r in fresh if len(stages[r.peer_id]) == 1]  # one identity claiming two stages: neither counts
+    pairs = confirmed_work(fresh)
+    seen.confirmed.update(peer for pair in pairs for peer in pair)
+    if num_stages > 1:
+        fresh = [r for r in fresh if r.peer_id in seen.confirmed]
+    row: dict = {"window": window}
+    weighted = backed_losses(fresh, num_stages, pairs)
+    count = sum(w for _, w in weighted)
     if count:
-        row["loss"] = sum(r.loss_sum for r in last) / count
+        row["loss"] = sum(mean * w for mean, w in weighted) / count
         row["loss_microbatches"] = count
     alive_total = 0
     for stage in range(num_stages):
@@ -52,14 +104,13 @@ def aggregate(records: list[tuple[MetricRecord, float]], window: int, num_stages
     row["tokens_per_s"] = sum(r.tokens_per_s for r in first)
     row["samples"] = sum(r.samples for r in first)
     row["bytes_sent"] = sum(r.bytes_sent for r in fresh)
-    seen = {} if evals_seen is None else evals_seen
-    new = [r for r in first if r.eval_loss is not None and r.eval_step > seen.get(r.peer_id, -1)]
+    new = [r for r in first if r.eval_loss is not None and r.eval_step > seen.evals.get(r.peer_id, -1)]
     for r in new:
-        seen[r.peer_id] = r.eval_step
+        seen.evals[r.peer_id] = r.eval_step
     evals = [r.eval_loss for r in new]
     if evals:
         row["eval_step"] = max(r.eval_step for r in new)
-        row["eval_loss"] = sum(evals) / len(evals)
+        row["eval_loss"] = statistics.median(evals)  # one made-up figure cannot drag it beyond the honest ones
         row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
     return row
 
@@ -126,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_header(num_stages), flush=True)
     from hivemind.utils import get_dht_time
 
-    logged, first_window, seen, empty_since, evals_seen = None, None, False, None, {}
+    logged, first_window, active_seen, empty_since, seen = None, None, False, None, Seen()
     deadline = time.monotonic() + args.max_seconds
     try:
         while not stop and time.monotonic() < deadline:
@@ -135,17 +186,17 @@ def main(argv: list[str] | None = None) -> int:
             window = int((now - 0.5 * period) // period) - 1  # closed half a period ago: every peer has published
             if logged is None or window > logged:
                 rows = read_all(dht, args.run_id, num_stages)
-                row = aggregate(rows, window, num_stages, now, evals_seen)
+                row = aggregate(rows, window, num_stages, now, seen)
                 if row["alive"] or "loss" in row:
                     first_window = window if first_window is None else first_window
                     _log(run, row, window - first_window, num_stages, args.history_json)
                 logged = window
-            if args.until_done:
-                active = any(p.record.state in ("online", "idle") for s in range(num_stages)
-                             for p in read_stage_records(dht, args.run_id, s))
-                seen |= active
+            if args.until_done:  # an outsider's record that says "online" for ever does not keep it running
+                active = any(p.record.state in ("online", "idle") and (num_stages == 1 or p.peer_id in seen.confirmed)
+                             for s in range(num_stages) for p in read_stage_records(dht, args.run_id, s))
+                active_seen |= active
                 empty_since = None if active else (empty_since or time.monotonic())
-                if seen and empty_since and time.monotonic() - empty_since > 2 * period:
+                if active_seen and empty_since and time.monotonic() - empty_since > 2 * period:
                     print("[monitor] every peer has finished", flush=True)
                     break
     finally:

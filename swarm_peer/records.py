@@ -28,6 +28,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from swarm_peer.identity import speaks_for
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+MAX_DELIVERED_PEERS = 256
 STATES = ("online", "idle", "finished", "offline")  # idle: done training, still syncing with its stage
 
 
@@ -85,6 +86,18 @@ class MetricRecord(pydantic.BaseModel):
     bytes_received: pydantic.conint(strict=True, ge=0)
     global_hash: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")
     round_ok: pydantic.StrictBool
+    # training microbatches this peer handed to each next-stage peer in the window (a reply came back) and took from
+    # each previous-stage peer (it replied): work two peers both report is what the monitor believes (monitor.py)
+    delivered: Dict[pydantic.constr(strict=True, min_length=1, max_length=128),
+                    pydantic.conint(strict=True, ge=0, le=10**9)] = {}
+    received: Dict[pydantic.constr(strict=True, min_length=1, max_length=128),
+                   pydantic.conint(strict=True, ge=0, le=10**9)] = {}
+
+    @pydantic.validator("delivered", "received")
+    def _few_peers(cls, v):
+        if len(v) > MAX_DELIVERED_PEERS:
+            raise ValueError(f"more than {MAX_DELIVERED_PEERS} next-stage peers")
+        return v
 
     class Config:
         extra = pydantic.Extra.forbid

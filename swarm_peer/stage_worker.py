@@ -358,6 +358,8 @@ class StageWorker:
                 log.warning(f"stage {self.stage + 1} peer {peer[-8:]} failed ({e}); banned {ban:.0f}s, rerouting")
                 continue
             self.router.succeeded(peer, time.monotonic() - t0)
+            if not meta.get("eval") and "sample" not in meta:
+                self.telemetry.on_delivered(peer)
             return reply, out
         raise RuntimeError(f"no stage {self.stage + 1} peer took the microbatch ({failures} failures)")
 
@@ -398,6 +400,7 @@ class StageWorker:
                 grad = await self.compute.run(BACKWARD, lambda: self.trainer.backward(pending, grad_out, ticket))
             ok = True
             self.stats["microbatches"] += 1
+            self.telemetry.on_received(str(remote))
             self.upstream_heard_at = time.monotonic()
             return {k: v for k, v in reply.items() if k == "loss"}, [grad.to("cpu")]
         finally:

@@ -15,7 +15,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from swarm_peer.memory import FootprintPeak
-from swarm_peer.records import MetricRecord, store_metric_record
+from swarm_peer.records import MAX_DELIVERED_PEERS, MetricRecord, store_metric_record
 
 log = logging.getLogger("swarm_peer")
 
@@ -28,12 +28,20 @@ class PeerTelemetry:
         self.eval_step = 0
         self.eval_curve: list[list[float]] = []
         self._window_tokens = 0
+        self.delivered: dict[str, int] = {}  # next-stage peer id -> training microbatches it took in this window
+        self.received: dict[str, int] = {}  # previous-stage peer id -> training microbatches served for it
         self.footprint = FootprintPeak()
 
     def on_loss(self, loss: float) -> None:
         if math.isfinite(loss):
             self.loss_sum += loss
             self.loss_count += 1
+
+    def on_delivered(self, peer_id: str) -> None:
+        _count(self.delivered, peer_id)
+
+    def on_received(self, peer_id: str) -> None:
+        _count(self.received, peer_id)
 
     def on_eval(self, step: int, loss: float) -> None:
         self.eval_loss, self.eval_step = loss, step
@@ -55,7 +63,8 @@ class PeerTelemetry:
             inflight=w.window.pending if w.window else 0,
             sync_seconds=float(sum(r["seconds"] for r in sync.rounds)),
             bytes_sent=int(wire["bytes_sent"] + traffic[0]), bytes_received=int(wire["bytes_received"] + traffic[1]),
-            global_hash=sync.progress.global_hash, round_ok=sync.progress.round_ok)
+            global_hash=sync.progress.global_hash, round_ok=sync.progress.round_ok, delivered=dict(self.delivered),
+            received=dict(self.received))
 
     async def publish_loop(self) -> None:
         """At every window boundary: publish the closed window's figures, then reset the window counters."""
@@ -67,6 +76,7 @@ class PeerTelemetry:
             tokens = self.worker.trainer.samples_stepped * self.worker.cfg.data.seq_len
             record = self.record(window, (tokens - last_tokens) / self.period)
             self.loss_sum, self.loss_count, last_tokens = 0.0, 0, tokens
+            self.delivered, self.received = {}, {}
             await self.publish(record)
 
     async def publish(self, record: MetricRecord) -> None:
@@ -94,6 +104,11 @@ class PeerTelemetry:
             print(f"[stage {w.stage}] step {w.trainer.inner_step}{loss}{val}{run} | {rate:,.0f} tok/s{rnd} | "
                   f"microbatches {w.stats['microbatches']}{nxt}", flush=True)
             last_t, last_samples = now, samples
+
+
+def _count(counts: dict[str, int], peer_id: str) -> None:
+    if peer_id in counts or len(counts) < MAX_DELIVERED_PEERS:  # bounded: a window's record stays small
+        counts[peer_id] = counts.get(peer_id, 0) + 1
 
 
 def memory_report(w) -> dict:

@@ -25,8 +25,8 @@ FAKE_HASH = "feedfacefeedface"
 
 
 class Hostile:
-    def __init__(self, run_id: str, num_stages: int, bootstrap: str):
-        self.run_id, self.identity = run_id, Identity()
+    def __init__(self, run_id: str, num_stages: int, bootstrap: str, metrics_period: float = 10.0):
+        self.run_id, self.identity, self.num_stages, self.metrics_period = run_id, Identity(), num_stages, metrics_period
         self.validators = make_validators(run_id, num_stages, self.identity.key)
         with self.identity.p2pd_file() as path:
             self.dht = DHT(start=True, initial_peers=[bootstrap], host_maddrs=["/ip4/127.0.0.1/tcp/0"],
@@ -43,7 +43,7 @@ class Hostile:
     def forge_records(self, stage: int) -> None:
         """Under its own key: copies of the honest records claiming their peer ids (impersonation; tests/test_records.py
         checks them one by one), then its own record claiming a huge agreed round with a made-up hash, refreshed; a
-        metrics record with a made-up loss under an honest peer's id."""
+        last-stage metrics record of its own with a made-up loss, and one under an honest peer's id vouching for it."""
         honest = [p.record for p in read_stage_records(self.dht, self.run_id, stage) if p.peer_id != self.peer_id]
         self.template = honest[0] if honest else self.template  # its own lie goes on after the honest peers left
         if self.template is None:
@@ -59,11 +59,20 @@ class Hostile:
         own = self.template.copy(update={**lie, "peer_id": self.peer_id})  # its own lie, bound to its key: to the
         # next stage it is also an upstream peer that claims to be online for ever
         store_stage_record(self.dht, self.run_id, own, mine, 20, expiration=now + 21 + self.sent["records"] * 1e-3)
-        fake = MetricRecord(peer_id=self.template.peer_id, stage=stage, state="online", window=int(get_dht_time() // 10),
-                            period=10.0, round=10**6, inner_step=10**6, samples=1, tokens=1, loss_sum=1e6,
-                            loss_count=1, eval_loss=0.0, eval_step=1, tokens_per_s=1e9, queue=0, inflight=0,
-                            sync_seconds=0.0, bytes_sent=0, bytes_received=0, global_hash=FAKE_HASH, round_ok=True)
-        self.dht.store(metrics_key(self.run_id, stage), fake.dict(), get_dht_time() + 20, subkey=mine)
+        window = int(get_dht_time() // self.metrics_period)
+        fake = dict(state="online", window=window, period=self.metrics_period, round=10**6, inner_step=10**6,
+                    samples=1, tokens=1, eval_step=1, tokens_per_s=1e9, queue=0, inflight=0, sync_seconds=0.0,
+                    bytes_sent=0, bytes_received=0, global_hash=FAKE_HASH, round_ok=True)
+        last = self.num_stages - 1
+        # the last stage's loss under its own id: a made-up figure over a million microbatches it says an honest
+        # peer sent it
+        mine_loss = MetricRecord(peer_id=self.peer_id, stage=last, loss_sum=1e4, loss_count=10**6, eval_loss=None,
+                                 received={self.template.peer_id: 10**6}, **fake)
+        self.dht.store(metrics_key(self.run_id, last), mine_loss.dict(), get_dht_time() + 20, subkey=mine)
+        # under an honest peer's id (impersonation): a validation loss of 0, and vouching for the made-up loss above
+        vouch = MetricRecord(peer_id=self.template.peer_id, stage=stage, loss_sum=0.0, loss_count=0, eval_loss=0.0,
+                             delivered={self.peer_id: 10**6}, **fake)
+        self.dht.store(metrics_key(self.run_id, stage), vouch.dict(), get_dht_time() + 20, subkey=mine)
 
     def keep_forging(self, stage: int, period: float = 1.0) -> threading.Thread:
         def run():

@@ -48,6 +48,24 @@ class Swarm:
         self.procs[name] = proc
         return proc
 
+    def start_monitor(self, name: str, *extra: str) -> subprocess.Popen:
+        """The monitor peer (`python -m swarm_peer monitor --until-done`), its rows also in `{name}.jsonl`."""
+        args = [PYTHON, "-m", "swarm_peer", "monitor", "--run-id", self.run_id, "--initial-peers", self.bootstrap,
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--until-done", "--history-json",
+                str(self.tmp / f"{name}.jsonl"), *extra]
+        for o in self.overrides:
+            args += ["--set", o]
+        log = open(self.tmp / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy())
+        return self.procs[name]
+
+    def history(self, name: str) -> list[dict]:
+        import json
+
+        path = self.tmp / f"{name}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
     def wait_ready(self, name: str, timeout: float = 90) -> str:
         path = self.tmp / f"{name}.maddrs"
         deadline = time.monotonic() + timeout

@@ -20,18 +20,38 @@ pytestmark = pytest.mark.slow
 STEPS = 40
 MALFORMED = 1000
 UPSTREAM_TIMEOUT = 20  # also the time stage 1 waits on upstream online claims that send nothing
+PERIOD = 2.0  # metrics windows
+
+
+def _watch_losses(boot, run: str, peer: str, stop: threading.Event) -> tuple[threading.Thread, dict]:
+    """What the honest last-stage peer itself published per window: (loss_sum, loss_count), read as the attack goes."""
+    seen: dict[int, tuple[float, int]] = {}
+
+    def run_():
+        while not stop.is_set():
+            for p in read_metric_records(boot, run, 1):
+                if p.peer_id == peer and p.record.loss_count:
+                    seen[p.record.window] = (p.record.loss_sum, p.record.loss_count)
+            stop.wait(PERIOD / 4)
+    thread = threading.Thread(target=run_, daemon=True)
+    thread.start()
+    return thread, seen
 
 
 def test_outsider_cannot_stall_fake_or_poison_a_stage(swarm_factory):
     run = "hostile"
     swarm = swarm_factory(run, ["swarm.num_stages=2", "swarm.sync_every=2", "swarm.matchmaking_time=1",
-                                "run.eval_interval=1000", f"swarm.upstream_timeout={UPSTREAM_TIMEOUT}"])
+                                "run.eval_interval=1000", f"swarm.upstream_timeout={UPSTREAM_TIMEOUT}",
+                                f"run.metrics_period={PERIOD}"])
     boot = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators(run, 2))
     hostile = None
     try:
         swarm.bootstrap = str(boot.get_visible_maddrs()[0])
         swarm.start("c", 1, "--max-steps", str(STEPS))
         last = swarm.wait_ready("c").split("/p2p/")[-1]
+        swarm.start_monitor("monitor")
+        watching = threading.Event()
+        watcher, honest_losses = _watch_losses(boot, run, last, watching)
         slow = ("--max-steps", str(STEPS), "--test-delay", "0.1")
         for name in ("a", "b"):
             swarm.start(name, 0, *slow)
@@ -42,7 +62,7 @@ def test_outsider_cannot_stall_fake_or_poison_a_stage(swarm_factory):
             # every request reaches validation
             assert time.monotonic() < deadline and swarm.procs["a"].poll() is None, swarm.log("a")[-3000:]
             time.sleep(0.2)
-        hostile = Hostile(run, 2, swarm.bootstrap)
+        hostile = Hostile(run, 2, swarm.bootstrap, PERIOD)
         forging = hostile.keep_forging(0)
         poisoning = hostile.poison_rounds(load_config(None, swarm.overrides), 0)
         downloads = []
@@ -56,6 +76,7 @@ def test_outsider_cannot_stall_fake_or_poison_a_stage(swarm_factory):
         # copies it made of the honest ones, nor its metrics record claiming an honest peer id
         seen = {p.peer_id: p.record.round for p in read_stage_records(boot, run, 0)}
         metrics = {p.peer_id for p in read_metric_records(boot, run, 0)}
+        liar_loss = [p for p in read_metric_records(boot, run, 1) if p.peer_id == hostile.peer_id]
         for name in ("a", "b"):
             assert swarm.wait_exit(name, 400) == 0, swarm.log(name)[-3000:]
         stage0_done = time.monotonic()
@@ -63,7 +84,10 @@ def test_outsider_cannot_stall_fake_or_poison_a_stage(swarm_factory):
         assert swarm.wait_exit("c", UPSTREAM_TIMEOUT + 60) == 0, swarm.log("c")[-3000:]
         c_left_after = time.monotonic() - stage0_done
         upstream = {p.peer_id: p.record.state for p in read_stage_records(boot, run, 0)}
+        assert swarm.wait_exit("monitor", 60) == 0, swarm.log("monitor")[-3000:]
         traffic.join(120)
+        watching.set()
+        watcher.join(10)
         hostile.stop.set()
         forging.join(10)
         poisoning.join(30)
@@ -77,6 +101,18 @@ def test_outsider_cannot_stall_fake_or_poison_a_stage(swarm_factory):
     assert seen.get(hostile.peer_id) == 10**6, seen  # the attack was live: the liar's own record is readable
     assert all(seen.get(p, 0) < 10**6 for p in honest), seen  # impersonated copies were dropped
     assert hostile.peer_id not in metrics and metrics <= honest, metrics
+    # the monitor's global loss is the honest last-stage peer's own, window by window: the liar's million made-up
+    # microbatches (its own record, live: read back above) and the vouching record under an honest id weigh nothing
+    assert liar_loss and liar_loss[0].record.loss_count == 10**6, liar_loss
+    logged = {row["window"]: row["loss"] for row in swarm.history("monitor") if "loss" in row}
+    both = sorted(set(logged) & set(honest_losses))
+    assert len(both) >= 5 and len(both) >= 0.5 * len(logged), (logged, honest_losses)
+    for w in both:
+        loss_sum, count = honest_losses[w]
+        assert abs(logged[w] - loss_sum / count) < 1e-9, (w, logged[w], honest_losses[w])
+    assert set(logged) <= set(honest_losses), (logged, honest_losses)  # no loss from nowhere
+    rounds = [row.get("round/stage1", 0) for row in swarm.history("monitor")]
+    assert max(rounds) < 1000 and swarm.log("monitor").count("every peer has finished") == 1, rounds
     sent = MALFORMED + MALFORMED // 5
     assert hostile.sent["forward"] == sent and hostile.sent["forward_refused"] == sent, (hostile.sent, hostile.outcomes)
     assert downloads and all(n == 0 for n in downloads), downloads  # garbage download requests: empty replies
@@ -89,7 +125,9 @@ def test_outsider_cannot_stall_fake_or_poison_a_stage(swarm_factory):
     assert caught, (swarm.log("a")[-2000:], hostile.sent)
     a, b = swarm.summary("a"), swarm.summary("b")
     for s in (a, b):
-        failed = [r for r in s["sync"]["rounds"] if not r["ok"] or r["group_size"] < 2]
+        rounds = s["sync"]["rounds"]
+        met = next(i for i, r in enumerate(rounds) if r["group_size"] == 2)  # before: its mate was not up yet
+        failed = [r for r in rounds[met:] if not r["ok"] or r["group_size"] < 2]
         assert len(failed) <= 2 * len(caught), [(r["round"], r["group_size"], r["outcome"]) for r in s["sync"]["rounds"]]
     assert a["sync"]["global_hash"] == b["sync"]["global_hash"] and a["final_weights_hash"] == b["final_weights_hash"]
     for s in (a, b):

@@ -1,7 +1,7 @@
 """The monitor's aggregation (pure): one window at a time, only fresh records, only training peers alive."""
 import math
 
-from swarm_peer.monitor import aggregate, format_header, format_row
+from swarm_peer.monitor import Seen, aggregate, format_header, format_row
 from swarm_peer.records import MetricRecord
 from swarm_peer.status import stage_report
 
@@ -9,24 +9,55 @@ H1, H2 = "1111111111111111", "2222222222222222"
 
 
 def rec(peer, stage, window, loss_sum=0.0, count=0, state="online", rnd=3, h=H1, samples=0, tps=0.0, eval_loss=None,
-        eval_step=0):
+        eval_step=0, delivered=None, received=None):
     return MetricRecord(peer_id=peer, stage=stage, state=state, window=window, period=10.0, round=rnd, inner_step=5,
                         samples=samples, tokens=samples * 128, loss_sum=loss_sum, loss_count=count,
                         eval_loss=eval_loss, eval_step=eval_step, tokens_per_s=tps, queue=0, inflight=0, sync_seconds=1.5,
-                        bytes_sent=10, bytes_received=10, global_hash=h, round_ok=True)
+                        bytes_sent=10, bytes_received=10, global_hash=h, round_ok=True,
+                        delivered=delivered or {}, received=received or {})
+
+
+def test_only_work_both_sides_report_counts():
+    now, seen = 1000.0, Seen()
+    records = [
+        (rec("a", 0, 7, delivered={"d": 4, "e": 1}), now + 20),
+        (rec("b", 0, 7, delivered={"d": 2, "x": 10**6}), now + 20),  # b really tried x (x never served it)
+        (rec("d", 1, 7, loss_sum=15.0, count=5, received={"a": 4, "b": 2}), now + 20),  # 6 confirmed: counts its 5
+        (rec("e", 1, 7, loss_sum=6.0, count=3, received={"a": 3}), now + 20),  # a handed it 1: mean 2.0, weight 1
+        (rec("x", 1, 7, loss_sum=1.0, count=10**6, rnd=10**6), now + 20),  # an outsider: no work it served
+        (rec("w", 1, 7, loss_sum=1.0, count=10**6, received={"a": 10**6}), now + 20),  # says a sent it all: a does not
+        (rec("y", 1, 7, loss_sum=1.0, count=10**6, received={"y": 10**6}), now + 20),  # vouching for itself ...
+        (rec("y", 0, 7, delivered={"y": 10**6}), now + 20),  # ... from another stage: an identity in two stages
+        # counts in neither
+        (rec("z", 0, 7, tps=1e9, samples=10**9, delivered={"d": 10**6}), now + 20),  # d never said z sent it any
+    ]
+    row = aggregate(records, window=7, num_stages=2, now=now, seen=seen)
+    assert math.isclose(row["loss"], (15.0 + 2.0) / 6) and row["loss_microbatches"] == 6
+    assert seen.confirmed == {"a", "b", "d", "e"}
+    assert row["alive/stage0"] == 2 and row["alive/stage1"] == 2 and row["round/stage1"] == 3  # none of the liars
+    assert row["tokens_per_s"] == 0.0 and row["samples"] == 0  # z's made-up throughput is not added
+    later = aggregate([(rec("a", 0, 8), now + 20), (rec("x", 1, 8), now + 20)], window=8, num_stages=2, now=now,
+                      seen=seen)
+    assert later["alive/stage0"] == 1 and later["alive/stage1"] == 0  # a: confirmed in an earlier window
+    evals = [(rec(p, 0, 9, eval_loss=v, eval_step=10), now + 20) for p, v in (("a", 2.0), ("b", 2.1), ("e", 0.0))]
+    assert aggregate(evals, window=9, num_stages=2, now=now, seen=seen)["eval_loss"] == 2.0  # one low figure does not
+    # drag it down
+    one_stage = [(rec("a", 0, 7, loss_sum=3.0, count=1), now + 20)]  # a single stage: its own data, nobody to back it
+    assert math.isclose(aggregate(one_stage, window=7, num_stages=1, now=now)["loss"], 3.0)
 
 
 def test_global_loss_and_alive_counts_use_one_window_and_fresh_records():
     now = 1000.0
     records = [
-        (rec("a", 0, 7, samples=100, tps=50.0, eval_loss=2.0), now + 20),
-        (rec("b", 0, 7, samples=60, tps=30.0, eval_loss=3.0), now + 20),
+        (rec("a", 0, 7, samples=100, tps=50.0, eval_loss=2.0, delivered={"d": 3, "e": 2, "g": 1}), now + 20),
+        (rec("b", 0, 7, samples=60, tps=30.0, eval_loss=3.0, delivered={"d": 1, "f": 1, "h": 1}), now + 20),
         (rec("c", 0, 6, samples=999, tps=999.0), now + 20),  # an older window: not mixed in
-        (rec("d", 1, 7, loss_sum=12.0, count=4), now + 20),  # loss 3.0 x 4 microbatches
-        (rec("e", 1, 7, loss_sum=4.0, count=2, h=H2), now + 20),  # loss 2.0 x 2, another weights hash
-        (rec("f", 1, 7, loss_sum=5.0, count=1, rnd=4), now + 20),  # a newer round: it alone defines the top
-        (rec("g", 1, 7, loss_sum=100.0, count=1), now - 1),  # expired: neither loss nor alive
-        (rec("h", 1, 7, loss_sum=1.0, count=1, state="idle"), now + 20),  # done training: loss counts, not alive
+        (rec("d", 1, 7, loss_sum=12.0, count=4, received={"a": 3, "b": 1}), now + 20),  # loss 3.0 x 4 microbatches
+        (rec("e", 1, 7, loss_sum=4.0, count=2, h=H2, received={"a": 2}), now + 20),  # loss 2.0 x 2, another hash
+        (rec("f", 1, 7, loss_sum=5.0, count=1, rnd=4, received={"b": 1}), now + 20),  # a newer round: the top
+        (rec("g", 1, 7, loss_sum=100.0, count=1, received={"a": 1}), now - 1),  # expired: neither loss nor alive
+        (rec("h", 1, 7, loss_sum=1.0, count=1, state="idle", received={"b": 1}), now + 20),  # done training: loss
+        # counts, not alive
         (rec("i", 1, 8, loss_sum=50.0, count=5), now + 20),  # the next window
     ]
     row = aggregate(records, window=7, num_stages=2, now=now)
@@ -61,7 +92,7 @@ def test_status_report_warns_about_empty_lone_and_drifting():
 
 
 def test_an_evaluation_is_logged_once_not_again_in_later_windows():
-    now, seen = 1000.0, {}
+    now, seen = 1000.0, Seen(confirmed={"a", "b"})
     first = aggregate([(rec("a", 0, 7, eval_loss=2.0, eval_step=10), now + 20)], 7, 2, now, seen)
     assert first["eval_loss"] == 2.0 and first["eval_step"] == 10
     again = aggregate([(rec("a", 0, 8, eval_loss=2.0, eval_step=10), now + 20)], 8, 2, now, seen)
