@@ -27,7 +27,8 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from typing import AsyncIterator, Callable, Optional
+from contextlib import contextmanager
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 import msgpack
 import torch
@@ -164,6 +165,9 @@ class StageAverager(DecentralizedAverager):
         self._get_state = get_state
         self.swarm_key = swarm_key
         self.traffic = mp.Array(ctypes.c_int64, 3)  # bytes sent, bytes received, values left unaveraged
+        # the served state's version (a seqlock shared with the averager process): odd while the host writes it
+        # (outer step, state load), +2 per write. Donors serve the live tensors from shared memory, no copy
+        self.state_version = mp.Value(ctypes.c_int64, 0, lock=False)
         self.last_unserved: list[str] = []  # donors of the last download_state with no averager to answer
         self.last_declined: list[str] = []  # ... whose averager answered without the state
         self._banned: dict[str, float] = {}  # averager process: peer id -> until when no group includes it
@@ -194,6 +198,15 @@ class StageAverager(DecentralizedAverager):
                 self.traffic[FAILED_VALUES] += failed
             raise AllreduceException(f"partial round: {failed} of {runner.tensor_part_container.total_size} "
                                      f"values were not averaged (a reducer failed)")
+
+    @contextmanager
+    def state_writing(self) -> Iterator[None]:
+        """Around every change of the served state (host process, one writer: the compute thread)."""
+        self.state_version.value += 1
+        try:
+            yield
+        finally:
+            self.state_version.value += 1
 
     def _ban(self, peer: PeerID) -> None:
         if not self._is_banned(peer):
@@ -279,12 +292,14 @@ class StageAverager(DecentralizedAverager):
             return
         if auth_error(self.swarm_key, query.get("auth"), context.remote_id):
             return
+        version = self.state_version.value
+        if version % 2:
+            return  # being written: the downloader asks another donor or again
         metadata, tensors, _ = await self._get_current_state_from_host_process()
         first = True
-        for index in wanted:
-            if not 0 <= index < len(tensors):
-                return
-            for part in split_for_streaming(_serialize_state(self.state_compression, tensors[index])):
+        serialize = lambda t: _serialize_state(self.state_compression, t)  # noqa: E731 (a copy of one tensor)
+        for serialized in stream_consistent(tensors, wanted, lambda: self.state_version.value, version, serialize):
+            for part in split_for_streaming(serialized):
                 yield averaging_pb2.DownloadData(tensor_part=part, metadata=metadata if first else b"")
                 first = False
 
@@ -361,6 +376,22 @@ class StageAverager(DecentralizedAverager):
             return None
         metadata = self.serializer.loads(metadata)
         return (metadata, tensors) if isinstance(metadata, dict) else None
+
+
+def stream_consistent(tensors: list, wanted: list[int], version: Callable[[], int], expected: int,
+                      serialize: Callable) -> Iterator:
+    """Serialize `tensors[i]` for i in `wanted` while the state's version stays `expected` (even): a change while
+    one was read means it may be torn, so the stream ends there (the downloader's short reply fails its download;
+    its retries ask again). Each tensor is checked after it was copied out, as a seqlock reader does."""
+    if expected % 2 or version() != expected:
+        return
+    for index in wanted:
+        if not 0 <= index < len(tensors):
+            return
+        serialized = serialize(tensors[index])
+        if version() != expected:
+            return
+        yield serialized
 
 
 def _serialize_state(compression, tensor: torch.Tensor) -> runtime_pb2.Tensor:

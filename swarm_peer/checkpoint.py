@@ -5,6 +5,10 @@ weights, inner AdamW + run clock (the lr schedule's position), outer optimizer (
 Written to a temporary file in the same directory, fsynced, then renamed over the old one (and the directory
 fsynced), so a crash leaves either the old or the new checkpoint, never half of one. A file whose hash does not match
 (corrupt or truncated) raises CheckpointError: it is reported, never loaded silently.
+
+The state is captured by reference and serialized straight into the file on the compute thread (between steps: it
+cannot change meanwhile, and no in-memory copy of a multi-GB state is made); only the fsync and rename run elsewhere.
+Reading streams the hash check and loads from the file.
 """
 from __future__ import annotations
 
@@ -27,15 +31,63 @@ def checkpoint_path(directory: str | os.PathLike, stage: int) -> Path:
     return Path(directory) / f"stage{stage}.ckpt"
 
 
-def write_atomic(path: Path, state: dict) -> int:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getvalue()
+CHUNK = 16 << 20
+
+
+class _HashingWriter:
+    """A file object torch.save streams into: every byte also goes into the sha256."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class _Payload(io.RawIOBase):
+    """The payload part of an open checkpoint file, seekable, as torch.load wants it (no copy in memory)."""
+
+    def __init__(self, f, start: int):
+        self.f, self.start = f, start
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.f.seek(offset + self.start if whence == io.SEEK_SET else offset, whence) - self.start
+
+    def tell(self) -> int:
+        return self.f.tell() - self.start
+
+    def readinto(self, buffer) -> int:
+        return self.f.readinto(buffer)
+
+
+def write_payload(path: Path, state: dict) -> tuple[Path, int]:
+    """Serialize `state` into a temporary file beside `path` (call where the state cannot change); returns it and
+    the payload's size. `commit` makes it the checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
-        f.flush()
+        f.write(MAGIC + bytes(32))  # the hash goes here once the payload is written
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+        size = f.tell() - len(MAGIC) - 32
+        f.seek(len(MAGIC))
+        f.write(writer.sha.digest())
+    return tmp, size
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """fsync the written file, rename it over the old checkpoint, fsync the directory."""
+    with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -43,31 +95,41 @@ def write_atomic(path: Path, state: dict) -> int:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return len(payload)
+
+
+def write_atomic(path: Path, state: dict) -> int:
+    tmp, size = write_payload(path, state)
+    commit(tmp, path)
+    return size
 
 
 def read_verified(path: Path) -> dict:
-    data = path.read_bytes()
     head = len(MAGIC) + 32
-    if len(data) < head or not data.startswith(MAGIC):
-        raise CheckpointError(f"checkpoint {path} is not a swarm_peer checkpoint or is truncated")
-    payload = data[head:]
-    if hashlib.sha256(payload).digest() != data[len(MAGIC):head]:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (sha256 mismatch); move it away to start fresh")
-    try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
+    with open(path, "rb") as f:
+        start = f.read(head)
+        if len(start) < head or not start.startswith(MAGIC):
+            raise CheckpointError(f"checkpoint {path} is not a swarm_peer checkpoint or is truncated")
+        sha = hashlib.sha256()
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+        if sha.digest() != start[len(MAGIC):]:
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated (sha256 mismatch); move it away to "
+                                  f"start fresh")
+        f.seek(head)
+        try:
+            return torch.load(io.BufferedReader(_Payload(f, head), CHUNK), map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
 
 
 def capture(worker) -> dict:
-    """The peer's state (run on its compute thread, between steps, so it is consistent)."""
+    """The peer's state by reference: serialize it (write_payload) on the compute thread before the next step."""
     t, sync = worker.trainer, worker.sync
     return {
         "stage": worker.stage, "fingerprint": worker.fingerprint, "mode": sync.mode,
-        "model": {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in t.model.state_dict().items()},
         "inner_opt": t.opt.state_dict(), "clock": t.clock, "inner_step": t.inner_step,
-        "samples_stepped": t.samples_stepped, "outer": sync.outer.state_dict() if sync.outer else None,
+        "samples_stepped": t.samples_stepped, "outer": sync.outer.state_dict(copy=False) if sync.outer else None,
         "progress": dataclasses.asdict(sync.progress),
         "sampler": worker.sampler.state() if worker.sampler is not None else None,
         "rng": torch.get_rng_state(),

@@ -32,8 +32,10 @@ class OuterOptimizer:
     def __init__(self, local_params: list[torch.Tensor], cfg: OuterOptimConfig):
         self.lr, self.momentum = cfg.lr, cfg.momentum
         self.nesterov = cfg.nesterov and cfg.momentum > 0
-        self.global_params = [p.detach().to("cpu", torch.float32).clone() for p in local_params]
-        self.buffers = [torch.zeros_like(g) for g in self.global_params]  # zeros == torch SGD's first-step clone
+        # in shared memory: a donor's averager process streams them to joiners as they are (no copy per request)
+        self.global_params = [p.detach().to("cpu", torch.float32).clone().share_memory_() for p in local_params]
+        self.buffers = [torch.zeros_like(g).share_memory_() for g in self.global_params]  # zeros == torch SGD's
+        # first-step clone
 
     @torch.no_grad()
     def pseudo_gradient(self, local_params: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -66,8 +68,9 @@ class OuterOptimizer:
             p.copy_(g.to(p.device, p.dtype))
 
     def state_tensors(self) -> list[torch.Tensor]:
-        """What a joining peer downloads: global weights, then momentum buffers (copies)."""
-        return [t.clone() for t in (*self.global_params, *self.buffers)]
+        """What a joining peer downloads: global weights, then momentum buffers (the live tensors: their readers
+        check the averager's state version, averaging.stream_consistent)."""
+        return [*self.global_params, *self.buffers]
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: list[torch.Tensor]) -> None:
@@ -79,8 +82,9 @@ class OuterOptimizer:
         for dst, src in zip((*self.global_params, *self.buffers), tensors):
             dst.copy_(src)
 
-    def state_dict(self) -> dict:
-        return {"global": [g.clone() for g in self.global_params], "buffers": [b.clone() for b in self.buffers]}
+    def state_dict(self, copy: bool = True) -> dict:
+        own = (lambda t: t.clone()) if copy else (lambda t: t)  # noqa: E731
+        return {"global": [own(g) for g in self.global_params], "buffers": [own(b) for b in self.buffers]}
 
     def load_state_dict(self, state: dict) -> None:
         self.load_state_tensors([*state["global"], *state["buffers"]])

@@ -75,6 +75,7 @@ class StageWorker:
         self.checkpoint_dir: str | None = None  # set by the CLI (--checkpoint-dir)
         self.resumed_from: dict | None = None
         self._last_checkpoint = time.monotonic()
+        self.checkpoint_times: list[dict] = []  # per checkpoint: compute paused, total, bytes (the summary's)
         self.telemetry = PeerTelemetry(self, metrics_period)
         self._recover_wanted = False
         self._retry_recovery_at, self._recovery_backoff = 0, 1  # after giving up: try again 1, 2, 4 ... 16 rounds later
@@ -284,15 +285,22 @@ class StageWorker:
 
     async def save_checkpoint(self, reason: str) -> None:
         """Atomic checkpoint of this peer's state (captured on the compute thread, written in another)."""
-        from swarm_peer.checkpoint import capture, checkpoint_path, write_atomic
+        from swarm_peer.checkpoint import capture, checkpoint_path, commit, write_payload
 
         self._last_checkpoint = time.monotonic()
         try:
-            state = await self.compute.run(STEP, lambda: capture(self))
             path = checkpoint_path(self.checkpoint_dir, self.stage)
-            nbytes = await self._in_thread(write_atomic, path, state)
-            log.info(f"checkpoint ({reason}): inner step {state['inner_step']}, round {state['progress']['round']}, "
-                     f"{nbytes / 2**20:.1f} MiB -> {path}")
+            t0 = time.monotonic()
+
+            def write():  # on the compute thread: nothing changes the state while it is serialized
+                state = capture(self)
+                return state["inner_step"], state["progress"]["round"], write_payload(path, state)
+            inner_step, rnd, (tmp, nbytes) = await self.compute.run(STEP, write)
+            paused = time.monotonic() - t0
+            await self._in_thread(commit, tmp, path)
+            self.checkpoint_times.append({"paused_s": paused, "total_s": time.monotonic() - t0, "bytes": nbytes})
+            log.info(f"checkpoint ({reason}): inner step {inner_step}, round {rnd}, {nbytes / 2**20:.1f} MiB -> "
+                     f"{path} (compute paused {paused:.2f}s)")
         except Exception as e:
             log.warning(f"checkpoint ({reason}) failed: {e}")
 
@@ -646,7 +654,7 @@ class StageWorker:
             "abandoned_backwards": self.trainer.abandoned, "ledger": self.trainer.ledger,
             "loss_curve": self.loss_curve, "tokens_per_s": tokens / max(wall, 1e-6), "wall_time_s": wall,
             "compute_time_s": self.trainer.compute_seconds,
-            "forwarded_to": self.router.sent_counts(), "transport": STATS.snapshot(),
+            "forwarded_to": self.router.sent_counts(), "checkpoints": self.checkpoint_times, "transport": STATS.snapshot(),
             "final_weights_hash": self.trainer.weights_hash(), "fingerprint": self.fingerprint,
             "sync": self.sync.summary(), "eval_curve": self.telemetry.eval_curve, "resumed_from": self.resumed_from,
             "config": self.cfg.model_dump(mode="json"),

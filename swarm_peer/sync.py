@@ -111,8 +111,9 @@ class StageSync:
     def _apply_state(self, meta: dict, tensors: list[torch.Tensor], clock: float) -> None:
         n = len(self.trainer.params)
         if self.outer:
-            self.outer.load_state_tensors(tensors)
-            self.outer.load_into(self.trainer.params)
+            with self.averager.state_writing():
+                self.outer.load_state_tensors(tensors)
+                self.outer.load_into(self.trainer.params)
         else:
             for p, t in zip(self.trainer.params, tensors[:n]):
                 p.copy_(t.to(p.device, p.dtype))
@@ -250,12 +251,13 @@ class StageSync:
             norm = math.sqrt(squared_norm(delta))
             self.progress.round_ok = group_ok and (averaged or outcome == "alone")
             if self.outer:
-                self.outer.step(delta)
-                self.outer.load_into(self.trainer.params)
-                # a peer done training keeps its clock at the run's end: it only pulls late groupmates forward
-                self.trainer.clock = clock if self.training else max(self.trainer.clock, clock)
-                self._advance(r + 1)  # on the compute thread with the step: a state snapshot (also taken there)
-                # never pairs the new weights with the old round and hash
+                with self.averager.state_writing():  # no download reads the outer state meanwhile
+                    self.outer.step(delta)
+                    self.outer.load_into(self.trainer.params)
+                    # a peer done training keeps its clock at the run's end: it only pulls late groupmates forward
+                    self.trainer.clock = clock if self.training else max(self.trainer.clock, clock)
+                    self._advance(r + 1)  # on the compute thread with the step: a state snapshot (also taken
+                    # there) never pairs the new weights with the old round and hash
             else:
                 self.trainer.set_gradients(delta)
             return norm

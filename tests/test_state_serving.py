@@ -1,0 +1,64 @@
+"""What a DiLoCo donor serves to joiners and recovering peers (real hivemind DHTs and averager processes): the live
+global weights and momentum from shared memory, not a copy per request (at GPT-2 small's shape a copy is 0.66 GB
+per request), and never a state an outer step is writing meanwhile."""
+
+import torch
+from hivemind import DHT
+
+from swarm_peer.averaging import stream_consistent
+from swarm_peer.compute import ComputeThread, StageTrainer
+from swarm_peer.config import load_config
+from swarm_peer.model import stage_fingerprint, stage_param_shapes
+from swarm_peer.sync import StageSync
+from tests.swarm_harness import FAST
+
+
+def _peer(cfg, dht):
+    compute = ComputeThread()
+    sync = StageSync(cfg, 0, dht, "serve", stage_param_shapes(cfg, 0), compute, stage_fingerprint(cfg, 0))
+    sync.attach(StageTrainer(cfg, 0, torch.device("cpu")))
+    return sync
+
+
+def test_a_donor_serves_its_live_outer_state_and_never_one_being_written():
+    cfg = load_config(None, [*FAST, "swarm.num_stages=2"])
+    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
+    donor, joiner = _peer(cfg, first), _peer(cfg, second)
+    try:
+        with torch.no_grad():
+            for b in donor.outer.buffers:
+                b.normal_()  # momentum that differs from the joiner's zeros
+        live = [*donor.outer.global_params, *donor.outer.buffers]
+        meta, served = donor._state_for_download()
+        assert all(s.data_ptr() == t.data_ptr() for s, t in zip(served, live))  # no copy on the donor's side ...
+        assert all(t.is_shared() for t in live)  # ... nor when it crosses to the averager process
+        n = len(live)
+        got = joiner.averager.download_state([str(first.peer_id)], n, timeout=30)
+        assert got is not None and got[0]["hash"] == donor.progress.global_hash
+        assert all(torch.equal(a, b) for a, b in zip(got[1], live))
+        with donor.averager.state_writing():  # an outer step or a state load in progress: nothing is served
+            assert joiner.averager.download_state([str(first.peer_id)], n, timeout=30) is None
+        assert joiner.averager.last_declined == [str(first.peer_id)]
+        assert joiner.averager.download_state([str(first.peer_id)], n, timeout=30) is not None  # and after it, again
+    finally:
+        for sync in (donor, joiner):
+            sync.shutdown()
+            sync.compute.stop()
+        second.shutdown()
+        first.shutdown()
+
+
+def test_a_stream_stops_when_the_state_changes_under_it():
+    version = [2]
+    tensors = [torch.zeros(3), torch.ones(3), torch.full((3,), 2.0)]
+
+    def serialize(t):
+        if t[0] == 1.0:
+            version[0] += 1  # an outer step began while the second tensor was being read
+        return t.clone()
+    out = list(stream_consistent(tensors, [0, 1, 2], lambda: version[0], 2, serialize))
+    assert len(out) == 1 and torch.equal(out[0], tensors[0])  # what was read before the change, then nothing
+    assert list(stream_consistent(tensors, [2, 0], lambda: 2, 2, lambda t: t)) == [tensors[2], tensors[0]]
+    assert not list(stream_consistent(tensors, [0], lambda: 3, 3, lambda t: t))  # odd: being written
+    assert not list(stream_consistent(tensors, [5], lambda: 2, 2, lambda t: t))  # not a tensor of this state
