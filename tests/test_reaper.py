@@ -122,3 +122,7 @@ def test_kill_9_of_peer_leaves_no_children(swarm_factory):
     left, waited = wait_group_empty(peer.pid, 30)
     print(f"peer's group empty {waited:.1f}s after kill -9 of its main process")
     assert not left, f"left after {waited:.0f}s: {[cmdline(p)[:120] for p in left]}"
+    # nor its shared-memory tensors (the outer state, the averaging buffers): with torch's file_system sharing,
+    # which hivemind picks by default, each is a /dev/shm file that outlives a killed process (RAM lost until reboot)
+    leaked = [f for f in os.listdir("/dev/shm") if any(f.startswith(f"torch_{pid}_") for pid in pids)]
+    assert not leaked, f"{len(leaked)} shared-memory files of the killed peer left in /dev/shm: {leaked[:5]}"

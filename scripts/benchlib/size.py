@@ -25,7 +25,7 @@ def part_g(bench: Bench) -> dict:
     run_dir = bench.out / "g"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    common = [*bench.overrides, *PEER_OVERRIDES, "swarm.num_stages=2", f"run.checkpoint_interval={bench.sized(45, 2)}",
+    common = [*bench.overrides, *PEER_OVERRIDES, "swarm.num_stages=2", f"run.checkpoint_interval={bench.sized(240, 2)}",
               "run.eval_interval=0"]
     from swarm_peer.config import load_config
 
@@ -61,18 +61,21 @@ def part_g(bench: Bench) -> dict:
             return any(s[-1][4] >= 1 for s in tracker.series(1).values() if s)
         tracker.wait(first_round, deadline, "stage 1's first round", procs)
         start("s1p2", 1)
-        if not procs.wait_exit([*NAMES, "monitor"], deadline):
-            raise RuntimeError("the swarm did not finish in time")
+        finished = procs.wait_exit([*NAMES, "monitor"], deadline)
+        if not finished:  # a slow machine: the peers stop on SIGTERM and write what they did so far
+            log("out of time: stopping the peers; the figures are of the run so far")
     finally:
         procs.close(grace=cfg.swarm.averaging_timeout + 20)
         tracker.close()
-    bad = {n: p.returncode for n, p in procs.procs.items() if p.returncode != 0}
+    bad = {n: p.returncode for n, p in procs.procs.items() if p.returncode not in (0, -15, 143)}
     if bad:
         raise RuntimeError(f"peers failed: {bad}\n" + "\n".join(procs.tail(n) for n in bad))
     summaries = read_summaries(run_dir, NAMES)
     bench.summaries["g"] = summaries
     bw = bench.loopback_bandwidth()["bytes_per_s"]
-    return _figures(summaries, bw, cfg)
+    result = _figures(summaries, bw, cfg)
+    result["figures"]["ran_to_the_end"] = finished
+    return result
 
 
 def _figures(summaries: dict, bw: float, cfg) -> dict:
