@@ -54,9 +54,11 @@ MALFORMED_BAN_S = 600.0  # a groupmate that sent a malformed part or weight: no 
 class ValueAllReduceRunner(AllReduceRunner):
     """Butterfly all-reduce whose reducers return averaged values (see the module docstring)."""
 
-    def __init__(self, *, traffic=None, on_malformed: Callable[[PeerID], None] = lambda peer: None, **kwargs):
+    def __init__(self, *, traffic=None, on_malformed: Callable[[PeerID], None] = lambda peer: None,
+                 max_weight: float = math.inf, **kwargs):
         super().__init__(**kwargs)
         self._on_malformed = on_malformed
+        self._max_weight = max_weight  # no honest groupmate can claim more samples than this
         container = self.tensor_part_container
         container.return_deltas = False  # a failed reducer's parts keep our own values (counted as failed)
         own = self.ordered_peer_ids.index(self.peer_id)
@@ -135,7 +137,7 @@ class ValueAllReduceRunner(AllReduceRunner):
                 part = await loop.run_in_executor(None, deserialize_torch_tensor, message.tensor_part)
                 sender = self.sender_peer_ids[sender_index]
                 self._check_part(part, self.parts_for_local_averaging[part_index].shape, f"sender {sender_index}", sender)
-                if not (math.isfinite(message.weight) and message.weight >= 0):
+                if not (math.isfinite(message.weight) and 0 <= message.weight <= self._max_weight):
                     self._on_malformed(sender)
                     raise AllreduceException(f"sender {sender_index} sent weight {message.weight}")
                 try:
@@ -161,8 +163,10 @@ class StageAverager(DecentralizedAverager):
     recovering peers download: (metadata dict, list of CPU tensors)."""
 
     def __init__(self, averaged_tensors, dht, *, get_state: Callable[[], tuple[dict, list[torch.Tensor]]],
-                 swarm_key: Optional[SwarmKey] = None, **kwargs):
+                 swarm_key: Optional[SwarmKey] = None, weight_cap: Callable[[int], float] = lambda size: math.inf,
+                 **kwargs):
         self._get_state = get_state
+        self._weight_cap = weight_cap  # group size -> the largest sample weight an honest groupmate can have
         self.swarm_key = swarm_key
         self.traffic = mp.Array(ctypes.c_int64, 3)  # bytes sent, bytes received, values left unaveraged
         # the served state's version (a seqlock shared with the averager process): odd while the host writes it
@@ -176,7 +180,11 @@ class StageAverager(DecentralizedAverager):
     # ---------------------------------------------------------------------------------------- all-reduce
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id: Optional[bytes] = None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
+        cap = self._weight_cap(len(group_info.peer_ids))
+        if kwargs.get("weight") is not None:  # ours too (a fast peer among slow mates): no honest peer is refused
+            kwargs["weight"] = min(float(kwargs["weight"]), cap)
         runner = ValueAllReduceRunner(traffic=self.traffic, on_malformed=self._ban, p2p=self._p2p, servicer_type=type(self),
+                                      max_weight=cap,
                                       prefix=self.prefix, tensors=tensors, group_id=group_id,
                                       ordered_peer_ids=group_info.peer_ids, **kwargs)
         self._running_groups[group_id].set_result(runner)

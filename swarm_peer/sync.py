@@ -37,8 +37,8 @@ from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, squared_norm, tensors_hash
 from swarm_peer.records import StageRecord
-from swarm_peer.sync_rules import (Progress, choose_donors, group_clock, group_hash, round_bits, round_due,
-                                   state_problem, vouched)
+from swarm_peer.sync_rules import (Progress, choose_donors, group_clock, group_hash, max_round_weight, round_bits,
+                                   round_due, state_problem, vouched)
 
 log = logging.getLogger("swarm_peer")
 UNBACKED_CLAIM_S = 120.0  # a stage peer that could not serve the state its record claims is ignored this long
@@ -79,7 +79,8 @@ class StageSync:
                 min_matchmaking_time=sw.matchmaking_time, request_timeout=max(0.2, 0.5 * sw.matchmaking_time),
                 compression=compression_strategy(sw.compression.averaging), allreduce_timeout=sw.averaging_timeout / 2,
                 next_chunk_timeout=sw.averaging_chunk_timeout, client_mode=False, declare_state_period=10,
-                swarm_key=swarm_key)
+                swarm_key=swarm_key, weight_cap=lambda size: max_round_weight(
+                    self.mode, cfg.data.batch_size, sw.sync_every, sw.sync_samples, size))
 
     def attach(self, trainer: StageTrainer) -> None:
         self.trainer = trainer

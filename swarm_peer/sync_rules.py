@@ -54,6 +54,18 @@ def round_due(me: Progress, others: list[StageRecord], every: int, samples_targe
     return me.round_steps + sum(r.round_steps for r in same) + lookahead * n >= every * n
 
 
+def max_round_weight(mode: str, batch_size: int, every: int, samples_target: int | None, group_size: int) -> float:
+    """The most samples an honest peer can weigh in one round of a group of `group_size` (with a 2x margin): an inner
+    step holds at most `batch_size` samples; a DiLoCo round is due once the group's peers did `every` steps on average
+    (or `samples_target` samples together), so one peer did at most every x group size steps (+1 for the step that
+    crossed it); a sync-mode round averages one step. A larger claim is a lie that would outweigh its groupmates."""
+    if mode == "sync":
+        return 2.0 * batch_size
+    if samples_target:
+        return 2.0 * (samples_target + batch_size * group_size)
+    return 2.0 * batch_size * (every * group_size + 1)
+
+
 def majority_hash(votes: list[tuple[str, str]]) -> str:
     """votes: (hash, peer id). The most held hash; a tie goes to the hash held by the smallest peer id."""
     counts = Counter(h for h, _ in votes)

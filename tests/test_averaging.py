@@ -11,7 +11,7 @@ from swarm_peer.diloco import tensors_hash, weighted_mean
 pytestmark = pytest.mark.slow
 
 
-def _start(n, tensors_per_peer, codec="fp32", states=None, prefix="avgtest"):
+def _start(n, tensors_per_peer, codec="fp32", states=None, prefix="avgtest", weight_caps=None, clients=()):
     first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     dhts = [first] + [DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                           initial_peers=[str(m) for m in first.get_visible_maddrs()]) for _ in range(n - 1)]
@@ -22,7 +22,8 @@ def _start(n, tensors_per_peer, codec="fp32", states=None, prefix="avgtest"):
             tensors_per_peer[i], dht, get_state=lambda s=state: s, prefix=prefix, start=True, min_group_size=2,
             target_group_size=n, min_matchmaking_time=2.0, request_timeout=1.0,
             compression=compression_strategy(codec), allreduce_timeout=30, next_chunk_timeout=10,
-            declare_state_period=5))
+            declare_state_period=5, client_mode=i in clients,
+            **({"weight_cap": weight_caps[i]} if weight_caps and weight_caps[i] else {})))
     return dhts, averagers
 
 
@@ -57,6 +58,32 @@ def test_groupmates_get_bit_identical_weighted_averages(codec, tol):
             rel = float((got - ref).norm() / ref.norm())
             assert rel < tol, (codec, rel)
         assert all(a.traffic[0] > 0 and a.traffic[1] > 0 for a in averagers)
+    finally:
+        _stop(dhts, averagers)
+
+
+def test_a_groupmate_claiming_more_samples_than_a_round_can_hold_is_refused_and_banned():
+    """An outsider's averager (no cap of its own) claims 100,000 samples against an honest one whose rounds can hold
+    100 per groupmate: its part is refused (with no cap the honest peer ended with the liar's values, weighted
+    10,000 to 1), and the outsider is in no later group."""
+    from swarm_peer.sync_rules import max_round_weight
+
+    assert max_round_weight("diloco", 8, 10, None, 2) == 2 * 8 * 21 and max_round_weight("sync", 8, 10, None, 4) == 16
+    assert max_round_weight("diloco", 8, 10, 500, 2) == 2 * (500 + 16)
+    dhts, averagers = _start(2, [[torch.ones(1000)], [torch.zeros(1000)]],
+                             weight_caps=[lambda size: 100.0 * size, None], clients=(1,))  # the liar only sends
+    honest, liar = averagers
+    try:
+        for _ in range(2):  # the second time the liar is banned: no group forms
+            controls = [honest.step(weight=10.0, timeout=15, allow_retries=False, wait=False),
+                        liar.step(weight=1e5, timeout=15, allow_retries=False, wait=False)]
+            for control in controls:
+                try:
+                    control.result(60)
+                except Exception:
+                    pass
+            with honest.get_tensors() as ts:
+                assert torch.equal(ts[0], torch.ones(1000)), float(ts[0].mean())  # the liar's zeros weigh nothing
     finally:
         _stop(dhts, averagers)
 
