@@ -25,6 +25,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast(cfg: Config, device: torch.device):
+    """run.precision bf16: the forward under bfloat16 autocast, as the swarm's peers run it (compute.py)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
+
+
 @torch.no_grad()
 def evaluate(model: StageModel, corpus: Corpus, cfg: Config, device: torch.device) -> float:
     """Mean validation loss over the fixed held-out microbatches."""
@@ -32,7 +37,8 @@ def evaluate(model: StageModel, corpus: Corpus, cfg: Config, device: torch.devic
     model.eval()
     losses = []
     for mb in validation_microbatches(corpus, cfg.data.microbatch_size, cfg.run.eval_batches):
-        logits = model(mb.input_ids.to(device))
+        with autocast(cfg, device):
+            logits = model(mb.input_ids.to(device))
         losses.append(float(model.loss(logits, mb.labels.to(device))))
     model.train(was_training)
     return sum(losses) / len(losses)
@@ -65,7 +71,9 @@ def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: b
         loss_sum = 0.0
         for _ in range(accum):
             mb = sampler.next()
-            loss = model.loss(model(mb.input_ids.to(device)), mb.labels.to(device))
+            with autocast(cfg, device):
+                logits = model(mb.input_ids.to(device))
+            loss = model.loss(logits, mb.labels.to(device))
             (loss / accum).backward()
             loss_sum += loss.item()
         for group in groups:

@@ -209,6 +209,9 @@ class StageTrainer:
         self.compute_seconds = 0.0
         self.throughput = 0.0  # samples/s EMA of this peer's compute
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.run.precision == "bf16")
+
     def _account(self, samples: int, seconds: float) -> None:
         self.compute_seconds += seconds
         rate = samples / max(seconds, 1e-6)
@@ -221,7 +224,8 @@ class StageTrainer:
         x = x.to(self.device)
         if not self.spec.is_first:
             x = x.detach().requires_grad_(True)
-        out = self.model(x)
+        with self._autocast():
+            out = self.model(x)
         self._account(x.shape[0], time.perf_counter() - t0)
         return Pending(x, out, t0)
 
@@ -276,7 +280,8 @@ class StageTrainer:
         training forward runs in between)."""
         self.model.eval()
         try:
-            return self.model(x.to(self.device))
+            with self._autocast():
+                return self.model(x.to(self.device))
         finally:
             self.model.train()
 

@@ -129,6 +129,9 @@ class SwarmConfig(_Section):
 class RunConfig(_Section):
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N
+    # bf16: the stage's forward (and so its backward) under torch.autocast in bfloat16; weights, gradients, optimizer
+    # and DiLoCo state stay fp32, and activations cross the wire in the codec swarm.compression asks for
+    precision: Literal["fp32", "bf16"] = "fp32"
     max_steps: int = Field(100, gt=0)  # inner optimizer steps (per peer)
     eval_interval: int = Field(25, ge=0)  # steps between validation passes; 0 = only at the end
     eval_batches: int = Field(8, gt=0)  # microbatches per validation pass

@@ -57,3 +57,24 @@ def test_later_stages_step_on_the_run_clock_their_microbatches_carry():
     assert last.position() == 9
     last.step(clock=12)  # sync mode: the group's clock
     assert last.ledger[-1]["clock"] == 12 and last.clock == 12
+
+
+def test_bf16_precision_runs_the_forward_in_bfloat16_and_keeps_fp32_state():
+    first, last = _trainer(0, "run.precision=bf16"), _trainer(1, "run.precision=bf16")
+    ids = torch.randint(0, 257, (2, 32))
+    pending = first.forward(ids)
+    plain = _trainer(0)
+    plain.model.load_state_dict(first.model.state_dict())
+    ref_out = plain.forward(ids).outputs
+    # the matmuls ran in bfloat16 (the residual stream stays fp32, so the boundary tensor is fp32): close, not equal
+    err = float((pending.outputs - ref_out).norm() / ref_out.norm())
+    assert pending.outputs.dtype == torch.float32 and 0 < err < 0.02, err
+    grad_in, loss = last.forward_backward_last(pending.outputs.detach().float(), ids, last.ticket("m", 2))
+    assert grad_in.dtype == torch.float32 and loss == loss  # the next stage's input stays fp32
+    first.backward(pending, grad_in, first.ticket("m", 2))
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in first.params if p.requires_grad)
+    fp32 = _trainer(1)
+    fp32.model.load_state_dict(last.model.state_dict())
+    ref = fp32.evaluate_last(pending.outputs.detach().float(), ids)
+    assert abs(last.evaluate_last(pending.outputs.detach().float(), ids) - ref) < 0.05 * ref  # bf16 rounding only
