@@ -375,11 +375,11 @@ class StageAverager(DecentralizedAverager):
             if metadata is None:
                 metadata = message.metadata
             if message.tensor_part.dtype and parts:
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                tensors.append(_shared(combine_from_streaming(parts)))
                 parts = []
             parts.append(message.tensor_part)
         if parts:
-            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            tensors.append(_shared(combine_from_streaming(parts)))
         if not metadata or len(tensors) != len(indices):
             return None
         metadata = self.serializer.loads(metadata)
@@ -400,6 +400,12 @@ def stream_consistent(tensors: list, wanted: list[int], version: Callable[[], in
         if version() != expected:
             return
         yield serialized
+
+
+def _shared(serialized: runtime_pb2.Tensor) -> torch.Tensor:
+    """A downloaded tensor, moved to shared memory at once: handing the state to the host process then passes file
+    descriptors instead of copying every tensor into shared memory while all of them are held (2x the state)."""
+    return deserialize_torch_tensor(serialized).share_memory_()
 
 
 def _serialize_state(compression, tensor: torch.Tensor) -> runtime_pb2.Tensor:
