@@ -171,7 +171,7 @@ class StageWorker:
         now = get_dht_time()
         fresh = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) <= stale_after]
         stale = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) > stale_after]
-        self.sync.others = stage_peers(self.peer_id, fresh, self.mates_fingerprint)
+        self.sync.see(stage_peers(self.peer_id, fresh, self.mates_fingerprint))
         self.sync.silent = stage_peers(self.peer_id, stale, self.mates_fingerprint)
         self.sync.departed = [r for r in fresh if r.peer_id != self.peer_id and r.state in ("finished", "offline")
                               and r.mates_fingerprint == self.mates_fingerprint]

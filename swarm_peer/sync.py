@@ -37,11 +37,13 @@ from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, squared_norm, tensors_hash
 from swarm_peer.records import StageRecord
-from swarm_peer.sync_rules import (Progress, choose_donors, group_clock, group_hash, max_round_weight, round_bits,
-                                   round_due, state_problem, vouched)
+from swarm_peer.sync_rules import (Progress, choose_donors, group_clock, group_hash, max_round_weight,
+                                   remember_agreements, round_bits, round_due, state_problem, vouched,
+                                   vouched_recently)
 
 log = logging.getLogger("swarm_peer")
 UNBACKED_CLAIM_S = 120.0  # a stage peer that could not serve the state its record claims is ignored this long
+AGREEMENT_MEMORY_S = 30.0  # how long a round's majority hash, once seen in the records, vouches for a download
 DECLINES_TO_DISTRUST = 3  # ... or declined to serve it this many times in a row, over 2 announce periods at least
 
 
@@ -61,6 +63,7 @@ class StageSync:
         self.outer: OuterOptimizer | None = None
         self.progress = Progress(global_hash="")
         self.others: list[StageRecord] = []
+        self.agreed: dict[int, dict[str, float]] = {}  # round -> majority hashes seen recently (remember_agreements)
         self.silent: list[StageRecord] = []  # stage peers whose records stopped being refreshed (gone, or just slow)
         self.departed: list[StageRecord] = []  # stage peers whose fresh records say finished/offline
         self.training = True  # False once this peer is done training (it still takes part in rounds)
@@ -123,6 +126,11 @@ class StageSync:
         self.trainer.clock = clock
         self.clock_pending = True  # the stage trains on while this peer starts up: catch up at its first step
         self.progress = Progress(global_hash=self._state_hash(), round=int(meta["round"]))
+
+    def see(self, others: list[StageRecord]) -> None:
+        """The worker's fresh look at the stage's other peers."""
+        self.others = others
+        remember_agreements(self.agreed, others, time.monotonic(), AGREEMENT_MEMORY_S)
 
     def trusts(self, peer_id: str) -> bool:
         return self.distrusted.get(peer_id, 0.0) <= time.monotonic()
@@ -362,12 +370,12 @@ class StageSync:
         meta, tensors = result
         problem = state_problem(meta, tensors, [p.shape for p in self.trainer.params], self.mode)
         for _ in range(3 if problem is None and refresh is not None else 0):
-            if vouched(meta, self.others):
+            if vouched(meta, self.others) or vouched_recently(meta, self.agreed):
                 break
             await asyncio.sleep(self.cfg.swarm.announce_period)  # the donors' records may lag their state
             await loop.run_in_executor(None, refresh)
         else:
-            if problem is None and not vouched(meta, self.others):
+            if problem is None and not (vouched(meta, self.others) or vouched_recently(meta, self.agreed)):
                 problem = f"round {meta['round']} weights {meta['hash']} are not what the stage's records agree on"
         if problem:
             log.warning(f"downloaded stage state refused ({problem}); discarded")

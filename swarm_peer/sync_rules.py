@@ -159,6 +159,26 @@ def state_problem(meta, tensors: list, shapes: list, mode: str) -> str | None:
     return None
 
 
+def remember_agreements(history: dict[int, dict[str, float]], records: list[StageRecord], now: float,
+                        keep_s: float) -> None:
+    """Note, per round, the majority hash the believed records agree on now (history: round -> hash -> when last
+    seen), and forget what is older than `keep_s`: a state downloaded from a donor that has since moved on (records
+    lag by up to an announce period, a lone fast peer runs a round in a fraction of one) is checked against it."""
+    for rnd in {r.round for r in records}:
+        votes = [(r.global_hash, r.peer_id) for r in records if r.round_ok and r.round == rnd]
+        if votes:
+            history.setdefault(rnd, {})[majority_hash(votes)] = now
+    for rnd in list(history):
+        history[rnd] = {h: t for h, t in history[rnd].items() if now - t <= keep_s}
+        if not history[rnd]:
+            del history[rnd]
+
+
+def vouched_recently(meta: dict, history: dict[int, dict[str, float]]) -> bool:
+    """Was the downloaded state's (round, hash) the stage's majority at that round in a recent look?"""
+    return meta.get("hash") in history.get(meta.get("round"), {})
+
+
 def vouched(meta: dict, records: list[StageRecord]) -> bool:
     """Is a downloaded state (its round and weights hash) what the stage agreed on: the majority hash of the believed
     records (each bound to its signer) at that round? One donor's word is not enough."""

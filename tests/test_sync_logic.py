@@ -140,3 +140,20 @@ def test_a_downloaded_state_must_be_sound_and_what_the_stage_agreed_on():
     assert vouched(meta, stage) and not vouched({**meta, "hash": H2}, stage)
     assert not vouched({**meta, "round": 9}, stage)  # nobody's record is at that round (yet: the caller re-reads)
     assert not vouched(meta, [rec("d1", round=4, hash=good, ok=False)])  # a record that does not vote
+
+
+def test_a_download_is_vouched_by_a_majority_seen_in_the_last_looks():
+    """A lone fast peer runs rounds faster than records travel: the state it served (round 2) may be gone from the
+    records by the time the download is checked (they now say round 4), yet they agreed on it a moment ago."""
+    from swarm_peer.sync_rules import remember_agreements, vouched, vouched_recently
+
+    history = {}
+    remember_agreements(history, [rec("a", round=2, hash=H1)], now=100.0, keep_s=30.0)
+    remember_agreements(history, [rec("a", round=4, hash=H2)], now=101.0, keep_s=30.0)
+    served = {"round": 2, "hash": H1}
+    assert not vouched(served, [rec("a", round=4, hash=H2)]) and vouched_recently(served, history)
+    assert not vouched_recently({"round": 2, "hash": H2}, history)  # a hash nobody agreed on at that round
+    remember_agreements(history, [rec("b", round=2, hash=H2, ok=False)], now=102.0, keep_s=30.0)  # no vote: not ok
+    assert not vouched_recently({"round": 2, "hash": H2}, history)
+    remember_agreements(history, [], now=131.5, keep_s=30.0)  # forgotten after keep_s
+    assert not vouched_recently(served, history) and history == {}
