@@ -35,13 +35,14 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import AllreduceException, BannedException
-from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, azip
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
+from swarm_peer.state_transfer import serialize_state, shared, stream_consistent
 from swarm_peer.swarm_key import SwarmKey, auth_error
 
 log = logging.getLogger("swarm_peer")
@@ -305,7 +306,7 @@ class StageAverager(DecentralizedAverager):
             return  # being written: the downloader asks another donor or again
         metadata, tensors, _ = await self._get_current_state_from_host_process()
         first = True
-        serialize = lambda t: _serialize_state(self.state_compression, t)  # noqa: E731 (a copy of one tensor)
+        serialize = lambda t: serialize_state(self.state_compression, t)  # noqa: E731 (a copy of one tensor)
         for serialized in stream_consistent(tensors, wanted, lambda: self.state_version.value, version, serialize):
             for part in split_for_streaming(serialized):
                 yield averaging_pb2.DownloadData(tensor_part=part, metadata=metadata if first else b"")
@@ -375,41 +376,15 @@ class StageAverager(DecentralizedAverager):
             if metadata is None:
                 metadata = message.metadata
             if message.tensor_part.dtype and parts:
-                tensors.append(_shared(combine_from_streaming(parts)))
+                tensors.append(shared(combine_from_streaming(parts)))
                 parts = []
             parts.append(message.tensor_part)
         if parts:
-            tensors.append(_shared(combine_from_streaming(parts)))
+            tensors.append(shared(combine_from_streaming(parts)))
         if not metadata or len(tensors) != len(indices):
             return None
         metadata = self.serializer.loads(metadata)
         return (metadata, tensors) if isinstance(metadata, dict) else None
-
-
-def stream_consistent(tensors: list, wanted: list[int], version: Callable[[], int], expected: int,
-                      serialize: Callable) -> Iterator:
-    """Serialize `tensors[i]` for i in `wanted` while the state's version stays `expected` (even): a change while
-    one was read means it may be torn, so the stream ends there (the downloader's short reply fails its download;
-    its retries ask again). Each tensor is checked after it was copied out, as a seqlock reader does."""
-    if expected % 2 or version() != expected:
-        return
-    for index in wanted:
-        if not 0 <= index < len(tensors):
-            return
-        serialized = serialize(tensors[index])
-        if version() != expected:
-            return
-        yield serialized
-
-
-def _shared(serialized: runtime_pb2.Tensor) -> torch.Tensor:
-    """A downloaded tensor, moved to shared memory at once: handing the state to the host process then passes file
-    descriptors instead of copying every tensor into shared memory while all of them are held (2x the state)."""
-    return deserialize_torch_tensor(serialized).share_memory_()
-
-
-def _serialize_state(compression, tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    return compression.compress(tensor, CompressionInfo.from_tensor(tensor), allow_inplace=False)
 
 
 def wait_step(control, give_up: Callable[[], Optional[str]], poll: float = 0.25, deadline: float = math.inf):

@@ -5,7 +5,7 @@ per request), and never a state an outer step is writing meanwhile."""
 import torch
 from hivemind import DHT
 
-from swarm_peer.averaging import stream_consistent
+from swarm_peer.state_transfer import stream_consistent
 from swarm_peer.compute import ComputeThread, StageTrainer
 from swarm_peer.config import load_config
 from swarm_peer.model import stage_fingerprint, stage_param_shapes
