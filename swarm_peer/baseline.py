@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from swarm_peer.compute import autocast
 from swarm_peer.config import Config, ConfigError, add_config_args, config_from_args
 from swarm_peer.data import Corpus, ShardSampler, load_corpus, validation_microbatches
 from swarm_peer.model import StageModel, build_stage, count_parameters, stage_layer_ranges, weights_hash
@@ -23,11 +24,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"run.device: {name} requested but CUDA is not available")
     return torch.device(name)
-
-
-def autocast(cfg: Config, device: torch.device):
-    """run.precision bf16: the forward under bfloat16 autocast, as the swarm's peers run it (compute.py)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
 
 
 @torch.no_grad()

@@ -187,6 +187,11 @@ class Pending:
     started: float
 
 
+def autocast(cfg: Config, device: torch.device):
+    """run.precision bf16: a forward under bfloat16 autocast (peers and the baseline alike)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.precision == "bf16")
+
+
 class StageTrainer:
     """Model + AdamW for one stage; every method runs on the compute thread."""
 
@@ -210,7 +215,7 @@ class StageTrainer:
         self.throughput = 0.0  # samples/s EMA of this peer's compute
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.run.precision == "bf16")
+        return autocast(self.cfg, self.device)
 
     def _account(self, samples: int, seconds: float) -> None:
         self.compute_seconds += seconds
