@@ -1,14 +1,8 @@
 """Same-stage averaging on hivemind's decentralized all-reduce, with bit-identical results on every groupmate.
 
-hivemind's AllReduceRunner hands back *deltas* (average − my input), each compressed on its way back, so every peer
-ends with its own input + its own rounding of the delta: replicas differ by compression error, and under DiLoCo
-(outer steps never pull the global copies together) they drift apart as a random walk. We keep hivemind's
-matchmaking, butterfly partitioning, sample weights, timeouts and bans, and change what a reducer returns: the
-*value* of its averaged part, compressed once with the stage's codec; every groupmate, the reducer included, decodes
-those same bytes. So a completed round leaves identical averages everywhere and a later hash disagreement means a
-real fault. A reducer that fails leaves its parts at the peer's own values (hivemind's behaviour): we count them and
-fail the round, so the caller never trains on a half-averaged vector. Inputs are checked (shape, finite, weight)
-before they touch an accumulator: a bad sender is banned from the round.
+We keep hivemind's matchmaking, butterfly partitioning, sample weights, timeouts and bans; the all-reduce itself runs
+as `allreduce.ValueAllReduceRunner` (values every groupmate decodes from the same bytes, written in place, checked
+inputs), so a completed round leaves identical averages everywhere and a later hash disagreement means a real fault.
 
 `StageAverager` adds: a runtime target group size (the stage's live peer count, so a full group starts at once),
 traffic counters, and `download_state`, which fetches the stage state from several donors at once (tensors split
@@ -33,130 +27,22 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 import msgpack
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
-from hivemind.averaging.partition import AllreduceException, BannedException
-from hivemind.compression import deserialize_torch_tensor
+from hivemind.averaging.allreduce import AveragingMode
+from hivemind.averaging.partition import AllreduceException
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
-from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, azip
+from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
+from swarm_peer.allreduce import FAILED_VALUES, ValueAllReduceRunner
 from swarm_peer.state_transfer import serialize_state, shared, stream_consistent
 from swarm_peer.swarm_key import SwarmKey, auth_error
 
 log = logging.getLogger("swarm_peer")
-SENT, RECEIVED, FAILED_VALUES = 0, 1, 2
 MAX_STATE_TENSORS = 4096  # tensors a state download may ask for (a stage has ~3 per parameter tensor)
 TEST_CRASH_ENV = "SWARM_PEER_TEST_CRASH_IN_ROUND"  # tests only: the peer kills itself while reducing (round N|first)
 MALFORMED_BAN_S = 600.0  # a groupmate that sent a malformed part or weight: no honest peer does, so no group with it
-
-
-class ValueAllReduceRunner(AllReduceRunner):
-    """Butterfly all-reduce whose reducers return averaged values (see the module docstring)."""
-
-    def __init__(self, *, traffic=None, on_malformed: Callable[[PeerID], None] = lambda peer: None,
-                 max_weight: float = math.inf, **kwargs):
-        super().__init__(**kwargs)
-        self._on_malformed = on_malformed
-        self._max_weight = max_weight  # no honest groupmate can claim more samples than this
-        container = self.tensor_part_container
-        container.return_deltas = False  # a failed reducer's parts keep our own values (counted as failed)
-        own = self.ordered_peer_ids.index(self.peer_id)
-        self._own_infos = [info for _, info in container._input_parts_by_peer[own]]
-        self._results: dict[int, runtime_pb2.Tensor] = {}  # part index -> the bytes every groupmate gets
-        self._traffic = traffic
-        self.crash_hook: Optional[Callable[[], None]] = None  # tests: die as a reducer mid-round
-
-    def _count(self, index: int, nbytes: int) -> None:
-        if self._traffic is not None:
-            with self._traffic.get_lock():
-                self._traffic[index] += nbytes
-
-    def _result(self, part_index: int, averaged: torch.Tensor) -> runtime_pb2.Tensor:
-        """Compress an averaged part once; every request for it gets these same bytes."""
-        if part_index not in self._results:
-            compression = self.tensor_part_container.compression
-            self._results[part_index] = compression.compress(averaged, self._own_infos[part_index])
-        return self._results[part_index]
-
-    def _check_part(self, part: torch.Tensor, shape: torch.Size, who: str, peer: PeerID) -> None:
-        if part.shape != shape or not part.is_floating_point() or not torch.isfinite(part).all():
-            self._on_malformed(peer)
-            raise AllreduceException(f"{who} sent a malformed part {tuple(part.shape)} {part.dtype} (expected {tuple(shape)})")
-
-    async def _communicate_with_peer(self, peer_id: PeerID):
-        peer_index = self.ordered_peer_ids.index(peer_id)
-        container = self.tensor_part_container
-        loop = asyncio.get_running_loop()
-        if peer_id == self.peer_id:  # we reduce our own share too
-            sender_index = self.sender_peer_ids.index(peer_id)
-            for part_index, part in enumerate(self.parts_for_local_averaging):
-                averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, part, weight=self.weight)
-                message = await loop.run_in_executor(None, self._result, part_index, averaged)
-                container.register_processed_part(peer_index, part_index, deserialize_torch_tensor(message))
-            return
-        shapes, part_index = [part.shape for part, _ in container._input_parts_by_peer[peer_index]], 0
-        try:
-            done_sending = asyncio.Event()
-
-            async def inputs():
-                async for message in self._generate_input_for_peer(peer_index):
-                    self._count(SENT, len(message.tensor_part.buffer))
-                    yield message
-                done_sending.set()
-
-            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs())
-            if self.should_delay_results(self.peer_id):
-                await done_sending.wait()
-            async for message in aiter_with_timeout(stream, self.reducer_timeout):
-                if message.code != averaging_pb2.AVERAGED_PART:
-                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(message.code)}")
-                if part_index >= len(shapes):
-                    raise AllreduceException(f"{peer_id} sent more parts than expected")
-                self._count(RECEIVED, len(message.tensor_part.buffer))
-                part = await loop.run_in_executor(None, deserialize_torch_tensor, message.tensor_part)
-                self._check_part(part, shapes[part_index], f"reducer {peer_id}", peer_id)
-                container.register_processed_part(peer_index, part_index, part)
-                part_index += 1
-            if part_index != container.num_parts_by_peer[peer_index]:
-                raise AllreduceException(f"reducer {peer_id} sent {part_index} of {len(shapes)} parts")
-        except BaseException as e:
-            if isinstance(e, Exception):
-                log.warning(f"averaging: reducer {str(peer_id)[-8:]} failed after {part_index} of {len(shapes)} parts: {e!r}")
-            container.register_failed_reducer(peer_index)
-            raise
-
-    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
-        loop = asyncio.get_running_loop()
-        part_index = 0
-        try:
-            async for message in stream:
-                if part_index >= self.tensor_part_reducer.num_parts:
-                    raise AllreduceException("sender sent more parts than expected")
-                self._count(RECEIVED, len(message.tensor_part.buffer))
-                part = await loop.run_in_executor(None, deserialize_torch_tensor, message.tensor_part)
-                sender = self.sender_peer_ids[sender_index]
-                self._check_part(part, self.parts_for_local_averaging[part_index].shape, f"sender {sender_index}", sender)
-                if not (math.isfinite(message.weight) and 0 <= message.weight <= self._max_weight):
-                    self._on_malformed(sender)
-                    raise AllreduceException(f"sender {sender_index} sent weight {message.weight}")
-                try:
-                    averaged = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, part, weight=message.weight)
-                except BannedException:
-                    break
-                if self.crash_hook is not None:
-                    self.crash_hook()
-                result = await loop.run_in_executor(None, self._result, part_index, averaged)
-                part_index += 1
-                self._count(SENT, len(result.buffer))
-                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=result)
-        finally:
-            if part_index != self.tensor_part_reducer.num_parts:
-                log.warning(f"averaging: sender {sender_index} stopped after {part_index} of "
-                            f"{self.tensor_part_reducer.num_parts} parts")
-                await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
 class StageAverager(DecentralizedAverager):
@@ -199,8 +85,8 @@ class StageAverager(DecentralizedAverager):
                 "sent malformed parts in an earlier round" if self._is_banned(peer) else None)
             if error:
                 raise AllreduceException(f"groupmate {str(peer)[-8:]}: {error}")
-        async for tensor, averaged in azip(as_aiter(*tensors), runner):
-            tensor.copy_(averaged)
+        async for _ in runner:  # the averaged values land in `tensors` themselves (allreduce.InPlaceParts)
+            pass
         failed = runner.tensor_part_container.failed_size
         if failed:
             with self.traffic.get_lock():

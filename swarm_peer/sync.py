@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from swarm_peer.averaging import FAILED_VALUES, RECEIVED, SENT, StageAverager, wait_step
+from swarm_peer.allreduce import FAILED_VALUES, RECEIVED, SENT
+from swarm_peer.averaging import StageAverager, wait_step
 from swarm_peer.compression import compression_strategy
 from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config

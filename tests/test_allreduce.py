@@ -1,0 +1,65 @@
+"""allreduce.InPlaceParts: averaged parts land in the local tensors themselves, nothing full-size is held (at GPT-2
+small's shape hivemind's stock container held ~2 copies of the stage's buffers: scripts/averaging_memory.py)."""
+import asyncio
+
+import torch
+
+from swarm_peer.allreduce import InPlaceParts
+
+
+def _container(tensors, fractions=(0.5, 0.5)):
+    return InPlaceParts(tensors, fractions, part_size_bytes=400, return_deltas=False)  # 100 values per part
+
+
+def test_averaged_parts_are_written_into_the_local_tensors_and_not_kept():
+    tensors = [torch.arange(1000, dtype=torch.float32), torch.ones(10, 20)]
+    originals = [t.clone() for t in tensors]
+    container = _container(tensors)
+    assert sum(container.num_parts_by_peer) == 10 + 2
+
+    async def run():
+        outputs = []
+
+        async def consume():
+            async for t in container.iterate_output_tensors():
+                outputs.append(t)
+        consumer = asyncio.create_task(consume())
+        for peer in (1, 0):  # any order of peers
+            for i, (part, _) in enumerate(list(container._input_parts_by_peer[peer])):
+                container.register_processed_part(peer, i, part * 2 + 1)  # a fresh tensor, as decoded off the wire
+                assert sum(p.numel() for q in container._output_parts_by_peer for p in q) == 0
+        await asyncio.wait_for(consumer, 5)
+        return outputs
+
+    outputs = asyncio.run(run())
+    assert [o is t for o, t in zip(outputs, tensors)] == [True, True]  # the tensors themselves, no concatenated copy
+    for t, o in zip(tensors, originals):
+        assert torch.equal(t, o * 2 + 1)
+
+
+def test_a_failed_reducer_leaves_our_own_values_and_is_counted():
+    tensors = [torch.arange(600, dtype=torch.float32)]
+    container = _container(tensors)
+
+    async def run():
+        async def consume():
+            return [t async for t in container.iterate_output_tensors()]
+        consumer = asyncio.create_task(consume())
+        for i, (part, _) in enumerate(list(container._input_parts_by_peer[0])):
+            container.register_processed_part(0, i, torch.zeros_like(part))
+        container.register_processed_part(1, 0, torch.full((100,), -1.0))  # peer 1 sends one part, then fails
+        container.register_failed_reducer(1)
+        return await asyncio.wait_for(consumer, 5)
+
+    (out,) = asyncio.run(run())
+    assert torch.equal(out[:300], torch.zeros(300)) and torch.equal(out[300:400], torch.full((100,), -1.0))
+    assert torch.equal(out[400:], torch.arange(400, 600, dtype=torch.float32))  # unaveraged: our own values
+    assert container.failed_size == 200
+
+
+def test_results_after_the_end_of_a_round_change_nothing():
+    tensors = [torch.zeros(200)]
+    container = _container(tensors)
+    container.finalize()  # a failed or cancelled round
+    container.register_processed_part(0, 0, torch.ones(100))
+    assert torch.equal(tensors[0], torch.zeros(200))
