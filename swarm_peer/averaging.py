@@ -273,8 +273,10 @@ class StageAverager(DecentralizedAverager):
         return (metadata, tensors) if isinstance(metadata, dict) else None
 
 
-def wait_step(control, give_up: Callable[[], Optional[str]], poll: float = 0.25, deadline: float = math.inf):
-    """Wait for an averager StepControl; `give_up()` returning a reason cancels it. Returns (gathered, error)."""
+def wait_step(control, give_up: Callable[[], Optional[str]], poll: float = 0.25, deadline: float = math.inf,
+              phases: Optional[dict] = None):
+    """Wait for an averager StepControl; `give_up()` returning a reason cancels it. Returns (gathered, error).
+    `phases` gets "allreduce_at": when the all-reduce was first seen running (time.monotonic(), to within `poll`)."""
     while True:
         try:
             return control.result(timeout=poll), None
@@ -282,6 +284,9 @@ def wait_step(control, give_up: Callable[[], Optional[str]], poll: float = 0.25,
             pass
         except Exception as e:  # the step failed
             return None, " ".join(str(e).split())[:200] or type(e).__name__
+        finally:
+            if phases is not None and "allreduce_at" not in phases and control.began_allreduce:
+                phases["allreduce_at"] = time.monotonic()
         reason = give_up() if time.monotonic() < deadline else "timed out"
         if reason:
             control.cancel()

@@ -20,6 +20,7 @@ import torch
 from swarm_peer.config import OuterOptimConfig
 
 
+FP16_MIN, FP16_MAX = torch.finfo(torch.float16).min, torch.finfo(torch.float16).max
 CHUNK = 1 << 20  # values per slice of the outer step's float64 arithmetic (8 MiB temporaries, not a tensor's size)
 
 
@@ -39,10 +40,16 @@ class OuterOptimizer:
 
     @torch.no_grad()
     def pseudo_gradient(self, local_params: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """θ_global − θ_local, fp32 on the CPU (what goes into the all-reduce); written into `out` when given."""
+        """θ_global − θ_local on the CPU (what goes into the all-reduce), fp32; written into `out` when given. An fp16
+        `out` is rounded once, saturating at ±65504 as hivemind's fp16 codec does (sync_rules.averaging_buffer_dtype)."""
         out = out if out is not None else [torch.empty_like(g) for g in self.global_params]
         for o, g, p in zip(out, self.global_params, local_params):
-            torch.sub(g, p.detach().to("cpu", torch.float32), out=o)
+            if o.dtype == torch.float16:  # in slices: no fp32 copy of a whole tensor
+                for o_, g_, p_ in zip(o.view(-1).split(CHUNK), g.view(-1).split(CHUNK),
+                                      p.detach().to("cpu", torch.float32).reshape(-1).split(CHUNK)):
+                    o_.copy_(torch.sub(g_, p_).clamp_(FP16_MIN, FP16_MAX))
+            else:
+                torch.sub(g, p.detach().to("cpu", torch.float32), out=o)
         return out
 
     @torch.no_grad()

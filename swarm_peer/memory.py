@@ -2,7 +2,8 @@
 
 The state a mode needs, in fp32 (4 bytes a value) per stage parameter: weights + gradients + AdamW's two moments
 (16 B); DiLoCo adds the global copy and the outer momentum (8 B, on the CPU); both sync modes the averager's
-shared input buffer (4 B). Activations: what autograd
+shared input buffer (4 B; 2 B under DiLoCo with the fp16 averaging codec, sync_rules.averaging_buffer_dtype).
+Activations: what autograd
 keeps per microbatch in flight, measured at GPT-2 small's shape (CPU, fp32, SDPA attention): ~36 fp32 values per
 token and hidden unit per block (no seq² term: attention scores are not kept), plus the logits and their log-softmax
 on the last stage (`scripts/bench.py` part g checks the estimate against a running peer's PSS).
@@ -15,6 +16,7 @@ import torch
 
 from swarm_peer.config import Config, ConfigError
 from swarm_peer.model import _block_params, _embedding_params, _head_params, hf_config, stage_layer_ranges
+from swarm_peer.sync_rules import averaging_buffer_dtype
 
 GB = 1e9
 RUNTIME_BYTES = int(0.7 * GB)  # torch, transformers, hivemind, the DHT and averager processes, p2pd, buffers of I/O
@@ -70,7 +72,8 @@ def estimate(cfg: Config, stage: int) -> MemoryEstimate:
     mode = cfg.swarm.sync_mode
     return MemoryEstimate(weights=4 * n, gradients=4 * n, inner_optimizer=8 * n,
                           outer_state=8 * n if mode == "diloco" else 0,
-                          averaging_buffers=4 * n if mode != "none" else 0,
+                          averaging_buffers=0 if mode == "none" else n * averaging_buffer_dtype(
+                              mode, cfg.swarm.compression.averaging).itemsize,
                           activations=cfg.swarm.max_inflight * per_microbatch)
 
 

@@ -38,7 +38,7 @@ from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, squared_norm, tensors_hash
 from swarm_peer.records import StageRecord
-from swarm_peer.sync_rules import (Progress, choose_donors, group_clock, group_hash, max_round_weight,
+from swarm_peer.sync_rules import (Progress, averaging_buffer_dtype, choose_donors, group_clock, group_hash, max_round_weight,
                                    remember_agreements, round_bits, round_due, state_problem, vouched,
                                    vouched_recently)
 
@@ -76,7 +76,8 @@ class StageSync:
         self.declines: dict[str, tuple[int, float]] = {}  # donor -> (refusals in a row, time of the first)
         if self.mode != "none":
             sw = cfg.swarm
-            self.buffers = [torch.zeros(shape, dtype=torch.float32) for shape in shapes]
+            dtype = averaging_buffer_dtype(self.mode, sw.compression.averaging)
+            self.buffers = [torch.zeros(shape, dtype=dtype) for shape in shapes]
             self.averager = StageAverager(
                 self.buffers, dht, get_state=self._state_for_download, prefix=f"{run_id}_avg{stage}", start=True,
                 min_group_size=2, target_group_size=None, initial_group_bits=round_bits(0),
@@ -167,8 +168,10 @@ class StageSync:
         return choose_donors(self.me, self.progress, self.others)
 
     # ---- a round
-    def _average(self, r: int, weight: float, clock: float, refresh, contribute) -> tuple[dict | None, str]:
-        """Blocking: attempts until one completes or the round's deadline. Returns (gathered, outcome). Each attempt
+    def _average(self, r: int, weight: float, clock: float, refresh, contribute,
+                 phases: dict) -> tuple[dict | None, str]:
+        """Blocking: attempts until one completes or the round's deadline. Returns (gathered, outcome); `phases` gets
+        the completed attempt's "allreduce_s" (from the all-reduce first seen running, to within 0.5 s). Each attempt
         writes this peer's contribution afresh into the averager's buffers (`contribute`, on the compute thread): a
         failed attempt leaves them partly averaged, and no second full-size copy is kept to refill them from."""
         deadline = time.monotonic() + self.cfg.swarm.averaging_timeout
@@ -205,8 +208,10 @@ class StageSync:
                     return "the stage moved on"
                 return None
 
-            gathered, error = wait_step(control, give_up, poll=0.5, deadline=deadline + 5)
+            seen: dict = {}
+            gathered, error = wait_step(control, give_up, poll=0.5, deadline=deadline + 5, phases=seen)
             if gathered is not None:
+                phases["allreduce_s"] = time.monotonic() - seen.get("allreduce_at", time.monotonic())
                 return {str(k): v for k, v in gathered.items()}, f"averaged in {attempts} attempt(s)"
             last_error = error
             log.info(f"stage round {r}: attempt {attempts} failed: {error}")
@@ -236,7 +241,9 @@ class StageSync:
         clock = self.trainer.clock if self.outer else await self.compute.run(STEP, self.trainer.position)  # sync
         # mode: the step this average is for
         before = list(self.averager.traffic)
-        gathered, outcome = await loop.run_in_executor(None, self._average, r, weight, clock, refresh, contribute)
+        phases: dict = {}
+        gathered, outcome = await loop.run_in_executor(None, self._average, r, weight, clock, refresh, contribute,
+                                                       phases)
         if outcome == "behind":
             self.progress.syncing = False
             log.warning(f"stage round {r}: the stage is ahead of this peer; recovering its state")
@@ -284,7 +291,7 @@ class StageSync:
                    "ok": self.progress.round_ok, "samples": samples, "pseudo_grad_norm" if self.outer else "grad_norm": norm,
                    "bytes_sent": after[SENT] - before[SENT], "bytes_received": after[RECEIVED] - before[RECEIVED],
                    "unaveraged_values": after[FAILED_VALUES] - before[FAILED_VALUES],
-                   "seconds": time.monotonic() - t0}
+                   "seconds": time.monotonic() - t0, "allreduce_s": phases.get("allreduce_s")}
         if self.outer:  # sync mode: the hash is taken after the AdamW step (end_sync_round)
             self._record(metrics)
             await publish()

@@ -66,6 +66,13 @@ def max_round_weight(mode: str, batch_size: int, every: int, samples_target: int
     return 2.0 * batch_size * (every * group_size + 1)
 
 
+def averaging_buffer_dtype(mode: str, codec: str) -> torch.dtype:
+    """What the averager's shared input buffers hold. DiLoCo with the fp16 codec: float16, half the size and lossless,
+    since the wire rounds every pseudo-gradient part to fp16 and every groupmate decodes fp16 averages (a lone round's
+    own update is rounded the same way). Sync mode keeps fp32: a lone step applies its own gradients unrounded."""
+    return torch.float16 if mode == "diloco" and codec == "fp16" else torch.float32
+
+
 def majority_hash(votes: list[tuple[str, str]]) -> str:
     """votes: (hash, peer id). The most held hash; a tie goes to the hash held by the smallest peer id."""
     counts = Counter(h for h, _ in votes)
@@ -116,10 +123,11 @@ def group_clock(gathered: dict, own: float, limit: float) -> float:
 def format_round(m: dict) -> str:
     """One log line for a round's metrics."""
     norm = m.get("pseudo_grad_norm", m.get("grad_norm", 0.0))
+    allreduce = f" (all-reduce {m['allreduce_s']:.2f}s)" if m.get("allreduce_s") is not None else ""
     return (f"round {m['round']} -> {m['round'] + 1}: group {m['group_size']}, "
             f"{'ok' if m['ok'] else 'NOT agreed'} ({m['outcome']}), norm {norm:.4f}, "
             f"sent {m['bytes_sent'] / 2**20:.2f} MiB, received {m['bytes_received'] / 2**20:.2f} MiB, "
-            f"{m['seconds']:.2f}s, weights {m['weights_hash']}")
+            f"{m['seconds']:.2f}s{allreduce}, weights {m['weights_hash']}")
 
 
 def round_bits(r: int) -> str:

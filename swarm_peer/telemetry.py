@@ -120,7 +120,9 @@ def memory_report(w) -> dict:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     params = nbytes(w.trainer.params)
-    grads = nbytes(p.grad for p in w.trainer.params if p.grad is not None)
+    # every backward allocates them and the step frees them (zero_grad(set_to_none)): at the end of a run they are
+    # gone, yet they are part of the state a step needs
+    grads = nbytes(p for p in w.trainer.params if p.requires_grad)
     inner = nbytes(t for st in w.trainer.opt.state.values() for t in st.values() if torch.is_tensor(t))
     outer = nbytes([*w.sync.outer.global_params, *w.sync.outer.buffers]) if w.sync.outer else 0
     buffers = nbytes(w.sync.buffers) if w.sync.averager is not None else 0  # shared with the averager process

@@ -74,3 +74,24 @@ def test_load_into_and_state_round_trip():
     torch.testing.assert_close(other.global_params[0], outer.global_params[0])
     with pytest.raises(ValueError):
         outer.step([torch.full((3, 3), float("nan"))])
+
+
+def test_an_fp16_pseudo_gradient_buffer_holds_exactly_what_the_fp16_codec_would_send():
+    """DiLoCo's averaging buffers are fp16 under the fp16 codec (sync_rules.averaging_buffer_dtype): writing the
+    pseudo-gradient there must round it exactly as hivemind's codec rounds the fp32 one, saturation included."""
+    from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+
+    from swarm_peer.compression import compression_strategy
+
+    gen = torch.Generator().manual_seed(0)
+    local = [torch.randn(3000, generator=gen), torch.randn(40, 50, generator=gen) * 1e-3]
+    outer = OuterOptimizer(local, OuterOptimConfig(lr=0.7, momentum=0.9, nesterov=True))
+    trained = [local[0] + torch.randn(3000, generator=gen) * 1e-4, local[1] + torch.randn(40, 50, generator=gen)]
+    trained[0][:3] = torch.tensor([1e6, -1e6, 7e4])  # beyond fp16's range: saturates like the codec
+    exact = outer.pseudo_gradient(trained)
+    half = outer.pseudo_gradient(trained, out=[torch.empty(t.shape, dtype=torch.float16) for t in trained])
+    codec = compression_strategy("fp16")
+    for e, h in zip(exact, half):
+        wire = deserialize_torch_tensor(codec.compress(e, CompressionInfo.from_tensor(e)))
+        assert torch.equal(wire.to(torch.float16), h)
+        assert torch.isfinite(h).all()

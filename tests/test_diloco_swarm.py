@@ -76,6 +76,12 @@ def test_diloco_two_by_two_rounds_agree_and_loss_falls(swarm_factory):
             _assert_failed_ends_recovered(p)
             for r in (_rounds(p)[k] for k in both if _rounds(p)[k]["ok"]):
                 assert r["group_size"] == 2 and r["bytes_sent"] > 0 and r["pseudo_grad_norm"] > 0, r
+                assert r["allreduce_s"] is not None and 0 <= r["allreduce_s"] <= r["seconds"], r
+            # the state a DiLoCo step needs, 24 B per parameter (gradients too, though freed after each step), plus
+            # the averager's buffer: fp16 under the fp16 averaging codec, lossless (sync_rules.averaging_buffer_dtype)
+            m, n = p["memory"], p["memory"]["params_bytes"]
+            assert m["grads_bytes"] == n and m["outer_state_bytes"] == 2 * n, m
+            assert 2 * n <= m["inner_optimizer_bytes"] <= 2 * n + 4096 and m["averaging_buffers_bytes"] == n // 2, m
         print(stage, "rounds:", [(r["round"], r["samples"], round(r["seconds"], 2)) for r in peers[0]["sync"]["rounds"]])
     assert s["s0p0"]["sync"]["global_hash"] != s["s1p0"]["sync"]["global_hash"]  # stages sync independently
     assert _falls(s["s0p0"]["loss_curve"]) and _falls(s["s1p1"]["loss_curve"])

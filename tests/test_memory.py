@@ -24,9 +24,13 @@ def test_gpt2_small_stage_state_is_24_bytes_per_parameter_in_diloco():
     est = estimate(cfg, 1)
     assert 75e6 < n < 90e6  # ~82M per stage
     state = est.weights + est.gradients + est.inner_optimizer + est.outer_state
-    assert state == 24 * n and est.averaging_buffers == 4 * n
-    sync = estimate(load_config("configs/gpt2-small-local.yaml", ["swarm.sync_mode=none"]), 1)
-    assert sync.outer_state == sync.averaging_buffers == 0
+    assert state == 24 * n and est.averaging_buffers == 2 * n  # fp16 codec: fp16 buffers (lossless, see sync_rules)
+    fp32 = estimate(load_config("configs/gpt2-small-local.yaml", ["swarm.compression.averaging=fp32"]), 1)
+    assert fp32.averaging_buffers == 4 * n
+    sync = estimate(load_config("configs/gpt2-small-local.yaml", ["swarm.sync_mode=sync"]), 1)
+    assert sync.outer_state == 0 and sync.averaging_buffers == 4 * n  # a lone sync step applies fp32 gradients
+    none = estimate(load_config("configs/gpt2-small-local.yaml", ["swarm.sync_mode=none"]), 1)
+    assert none.outer_state == none.averaging_buffers == 0
 
 
 def test_fit_decision_on_cpu_and_on_an_accelerator():
