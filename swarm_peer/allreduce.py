@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import threading
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
@@ -77,7 +77,6 @@ class ValueAllReduceRunner(AllReduceRunner):
         self._results: dict[int, tuple[runtime_pb2.Tensor, int]] = {}  # part -> (the bytes every groupmate gets,
         self._results_lock = threading.Lock()  # how many have taken them): dropped once every sender has
         self._traffic = traffic
-        self.crash_hook: Optional[Callable[[], None]] = None  # tests: die as a reducer mid-round
 
     def _count(self, index: int, nbytes: int) -> None:
         if self._traffic is not None:
@@ -164,8 +163,6 @@ class ValueAllReduceRunner(AllReduceRunner):
                         sender_index, part_index, part, weight=message.weight)
                 except BannedException:
                     break
-                if self.crash_hook is not None:
-                    self.crash_hook()
                 result = await loop.run_in_executor(None, self._result, part_index, averaged)
                 part_index += 1
                 self._count(SENT, len(result.buffer))

@@ -18,8 +18,6 @@ import ctypes
 import logging
 import math
 import multiprocessing as mp
-import os
-import signal
 import time
 from contextlib import contextmanager
 from typing import AsyncIterator, Callable, Iterator, Optional
@@ -41,7 +39,6 @@ from swarm_peer.swarm_key import SwarmKey, auth_error
 
 log = logging.getLogger("swarm_peer")
 MAX_STATE_TENSORS = 4096  # tensors a state download may ask for (a stage has ~3 per parameter tensor)
-TEST_CRASH_ENV = "SWARM_PEER_TEST_CRASH_IN_ROUND"  # tests only: the peer kills itself while reducing (round N|first)
 MALFORMED_BAN_S = 600.0  # a groupmate that sent a malformed part or weight: no honest peer does, so no group with it
 
 
@@ -75,9 +72,6 @@ class StageAverager(DecentralizedAverager):
                                       prefix=self.prefix, tensors=tensors, group_id=group_id,
                                       ordered_peer_ids=group_info.peer_ids, **kwargs)
         self._running_groups[group_id].set_result(runner)
-        crash = os.environ.get(TEST_CRASH_ENV)  # a round number, or "first": this process's first all-reduce
-        if crash and (crash == "first" or self._my_gathered(group_info).get("round") == int(crash)):
-            runner.crash_hook = lambda: os.killpg(os.getpgid(0), signal.SIGKILL)  # kill -9 of the whole peer
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             raise AllreduceException("stage averagers never run as auxiliaries")
         for peer, gathered in zip(group_info.peer_ids, group_info.gathered):

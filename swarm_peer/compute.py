@@ -195,8 +195,8 @@ def autocast(cfg: Config, device: torch.device):
 class StageTrainer:
     """Model + AdamW for one stage; every method runs on the compute thread."""
 
-    def __init__(self, cfg: Config, stage: int, device: torch.device, test_delay: float = 0.0):
-        self.cfg, self.device, self.test_delay = cfg, device, test_delay
+    def __init__(self, cfg: Config, stage: int, device: torch.device):
+        self.cfg, self.device = cfg, device
         self.spec = stage_spec(cfg, stage)
         self.model: StageModel = build_stage(cfg, stage).to(device)
         self.model.train()
@@ -224,8 +224,6 @@ class StageTrainer:
 
     def forward(self, x: torch.Tensor) -> Pending:
         t0 = time.perf_counter()
-        if self.test_delay:
-            time.sleep(self.test_delay)  # test-only: emulate a slower peer
         x = x.to(self.device)
         if not self.spec.is_first:
             x = x.detach().requires_grad_(True)

@@ -157,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-weights", "--save_weights", help="save the final stage weights (torch.save) here")
     parser.add_argument("--checkpoint-dir", "--checkpoint_dir",
                         help="save this peer's state here every run.checkpoint_interval s and on exit; resume from it")
-    parser.add_argument("--test-delay", "--test_delay", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     extra = [f"run.max_steps={args.max_steps}"] if args.max_steps is not None else []
     extra += [f"run.device={args.device}"] if args.device else []
@@ -232,7 +231,7 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
         maddrs = sorted(dht.get_visible_maddrs(), key=_is_loopback)
         val = validation_microbatches(corpus, cfg.data.microbatch_size, cfg.run.eval_batches) if corpus else []
         worker = StageWorker(cfg, args.stage, dht, p2p, args.run_id, local_public_key(validators), device, sampler,
-                             client_mode=args.client_mode, test_delay=args.test_delay,
+                             client_mode=args.client_mode,
                              address=str(maddrs[0]) if maddrs else "", val_batches=val,
                              metrics_period=cfg.run.metrics_period, swarm_key=args.swarm_key)
         if args.checkpoint_dir:

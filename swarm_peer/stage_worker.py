@@ -50,7 +50,7 @@ def config_summary(cfg: Config, stage: int) -> str:
 
 class StageWorker:
     def __init__(self, cfg: Config, stage: int, dht, p2p, run_id: str, subkey: bytes, device: torch.device,
-                 sampler: ShardSampler | None = None, client_mode: bool = False, test_delay: float = 0.0,
+                 sampler: ShardSampler | None = None, client_mode: bool = False,
                  address: str = "", val_batches: list[Microbatch] = (), metrics_period: float = 10.0,
                  swarm_key=None):
         self.cfg, self.stage, self.dht, self.p2p, self.run_id = cfg, stage, dht, p2p, run_id
@@ -61,7 +61,7 @@ class StageWorker:
         # the averager process first (forked before the model exists, it shares no page the trainer writes later)
         self.sync = StageSync(cfg, stage, dht, run_id, stage_param_shapes(cfg, stage), self.compute, self.fingerprint,
                               swarm_key)
-        self.trainer = StageTrainer(cfg, stage, device, test_delay)
+        self.trainer = StageTrainer(cfg, stage, device)
         self.sync.attach(self.trainer)
         self.sampler = sampler
         self.client_mode = client_mode

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import statistics
 import sys
-import time
 
 log = logging.getLogger("swarm_peer")
 OFFSET = 0.0  # seconds to add to this machine's clock

@@ -11,6 +11,10 @@ Usage (the harness's `prefix`): python tests/fault_peer.py <python> -m swarm_pee
                                                 R = "end": every round at the run's end (clock >= --max-steps - 1)
                               guard_averager    report any use of the averager's tensors (its lock) on the compute
                                                 thread: a line "AVERAGER LOCK ON THE COMPUTE THREAD" in the log
+                              slow=S            every forward takes S s longer (a slower machine; its measured
+                                                throughput, which routing reads, includes the delay)
+                              crash_in_round    kill -9 of the whole peer (its process group) while its averager
+                                                reduces its first all-reduce, between a part's sum and its reply
 """
 import os
 import runpy
@@ -74,6 +78,35 @@ if "guard_averager" in faults:
         return _get(self)
 
     StageAverager.get_tensors = get_tensors
+
+if "slow" in faults:
+    from swarm_peer.compute import StageTrainer
+
+    delay, _forward, _account = float(faults["slow"]), StageTrainer.forward, StageTrainer._account
+
+    def forward(self, x):
+        time.sleep(delay)
+        self._fault_delay = delay  # counted by the _account call that ends this forward
+        return _forward(self, x)
+
+    def account(self, samples, seconds):
+        extra, self._fault_delay = getattr(self, "_fault_delay", 0.0), 0.0
+        _account(self, samples, seconds + extra)
+
+    StageTrainer.forward, StageTrainer._account = forward, account
+
+if "crash_in_round" in faults:
+    import signal
+
+    from swarm_peer.allreduce import ValueAllReduceRunner
+
+    _result = ValueAllReduceRunner._result
+
+    def result_then_die(self, part_index, averaged):  # the averager process: forked after this patch
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+        return _result(self, part_index, averaged)
+
+    ValueAllReduceRunner._result = result_then_die
 
 assert sys.argv[2:4] == ["-m", "swarm_peer"], sys.argv
 sys.argv = ["swarm_peer", *sys.argv[4:]]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tests.conftest import PYTHON, ROOT
 
+FAULT_PEER = str(ROOT / "tests" / "fault_peer.py")  # test-only faults (its docstring)
+
 # a small, fast model: every multi-process test uses it unless it says otherwise
 FAST = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=4", "model.max_position_embeddings=64",
         "data.seq_len=32", "data.batch_size=8", "data.microbatch_size=2", "data.max_tokens=200000",
@@ -31,8 +33,14 @@ class Swarm:
         self.bootstrap: str | None = None
 
     def start(self, name: str, stage: int, *extra: str, env: dict | None = None, host: str = "127.0.0.1",
-              prefix: tuple = ()) -> subprocess.Popen:
-        """`prefix`: run the peer under e.g. ("ip", "netns", "exec", NS); `host`: the address it listens on."""
+              prefix: tuple = (), faults: str = "") -> subprocess.Popen:
+        """`prefix`: run the peer under e.g. ("ip", "netns", "exec", NS); `host`: the address it listens on; `faults`:
+        test-only faults (tests/fault_peer.py's SWARM_TEST_FAULTS, e.g. "slow=0.25")."""
+        env = dict(env or {})
+        if faults:
+            env["SWARM_TEST_FAULTS"] = ",".join(f for f in (env.get("SWARM_TEST_FAULTS", ""), faults) if f)
+        if env.get("SWARM_TEST_FAULTS") and FAULT_PEER not in prefix:
+            prefix = (*prefix, PYTHON, FAULT_PEER)
         args = [*prefix, PYTHON, "-m", "swarm_peer", "--stage", str(stage), "--run-id", self.run_id,
                 "--host-maddrs", f"/ip4/{host}/tcp/0", "--maddrs-file", str(self.tmp / f"{name}.maddrs"),
                 "--summary-json", str(self.tmp / f"{name}.json")]
@@ -42,7 +50,7 @@ class Swarm:
             args += ["--initial-peers", self.bootstrap]
         args += list(extra)
         log = open(self.tmp / f"{name}.log", "w")
-        env = {**os.environ, "HIVEMIND_LOGLEVEL": "WARNING", **(env or {})}
+        env = {**os.environ, "HIVEMIND_LOGLEVEL": "WARNING", **env}
         proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env)
         self.procs[name] = proc

@@ -8,7 +8,6 @@ import time
 import pytest
 from hivemind import DHT
 
-from swarm_peer.averaging import TEST_CRASH_ENV
 from swarm_peer.records import make_validators
 
 pytestmark = pytest.mark.slow
@@ -55,7 +54,7 @@ def test_churn_soak_two_stages_by_three_peers(swarm_factory):
     def start(stage: int, crash: bool = False) -> str:
         name = f"s{stage}n{counter[stage]}"
         counter[stage] += 1
-        swarm.start(name, stage, "--max-steps", "100000", env={TEST_CRASH_ENV: "first"} if crash else None)
+        swarm.start(name, stage, "--max-steps", "100000", faults="crash_in_round" if crash else "")
         live[stage].append(name)
         started_at[name] = time.monotonic()
         return name

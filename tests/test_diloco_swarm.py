@@ -115,13 +115,13 @@ def test_diloco_h1_lr1_no_momentum_is_parameter_averaging_every_step(swarm_facto
     for p in range(2):
         swarm.start(f"s1p{p}", 1, "--max-steps", str(steps))
         swarm.wait_ready(f"s1p{p}")
-    slow = ("--max-steps", str(steps), "--test-delay", "0.25")  # ~1 s a step: the run is still on when it joins
-    swarm.start("s0p0", 0, "--data-shard", "0/2", *slow)
+    slow = {"faults": "slow=0.25"}  # ~1 s a step: the run is still on when it joins
+    swarm.start("s0p0", 0, "--data-shard", "0/2", "--max-steps", str(steps), **slow)
     deadline = time.monotonic() + 120
     while "round 3 -> 4" not in swarm.log("s0p0"):
         assert time.monotonic() < deadline and swarm.procs["s0p0"].poll() is None, swarm.log("s0p0")[-3000:]
         time.sleep(0.1)
-    swarm.start("s0p1", 0, "--data-shard", "1/2", *slow)
+    swarm.start("s0p1", 0, "--data-shard", "1/2", "--max-steps", str(steps), **slow)
     s = _wait_all(swarm, ["s0p0", "s0p1", "s1p0", "s1p1"])
     assert any(e["reason"] == "joining the stage" for e in s["s0p1"]["sync"]["recoveries"]), s["s0p1"]["sync"]
     for stage, peers in _by_stage(s).items():
@@ -145,7 +145,7 @@ def test_status_json_and_sample_on_a_live_swarm(swarm_factory, tmp_path):
     # long runs with a test-only slowdown: they are stopped at the end, the tools look at them while they train
     _start_pipeline(swarm, 2, 0, steps=100000)
     for p in range(2):
-        swarm.start(f"s0p{p}", 0, "--data-shard", f"{p}/2", "--max-steps", "100000", "--test-delay", "0.05")
+        swarm.start(f"s0p{p}", 0, "--data-shard", f"{p}/2", "--max-steps", "100000", faults="slow=0.05")
         swarm.wait_ready(f"s0p{p}")
     deadline = time.monotonic() + 120
     while "round 0 -> 1" not in swarm.log("s0p0"):

@@ -22,7 +22,7 @@ def test_abandoned_backward_never_touches_gradients(swarm_factory, cache_dir):
     over = ["swarm.num_stages=2", "swarm.sync_mode=none", "swarm.max_inflight=4", "swarm.request_timeout=1.2",
             "swarm.compression.forward=none", "swarm.compression.backward=none", f"run.max_steps={STEPS}"]
     swarm = swarm_factory("abandoned", over)
-    swarm.start("s1", 1, "--save-weights", str(swarm.tmp / "s1.pt"), "--test-delay", "0.35")
+    swarm.start("s1", 1, "--save-weights", str(swarm.tmp / "s1.pt"), faults="slow=0.35")
     swarm.wait_ready("s1")
     swarm.start("s0", 0, "--data-shard", "0/1", "--set", "optim.inner.lr=1e-30")  # frozen: below fp32 resolution
     swarm.wait_ready("s0")

@@ -52,9 +52,8 @@ def test_outsider_cannot_stall_fake_or_poison_a_stage(swarm_factory):
         swarm.start_monitor("monitor")
         watching = threading.Event()
         watcher, honest_losses = _watch_losses(boot, run, last, watching)
-        slow = ("--max-steps", str(STEPS), "--test-delay", "0.1")
         for name in ("a", "b"):
-            swarm.start(name, 0, *slow)
+            swarm.start(name, 0, "--max-steps", str(STEPS), faults="slow=0.1")
         first = swarm.wait_ready("a").split("/p2p/")[-1]
         swarm.wait_ready("b")
         deadline = time.monotonic() + 120

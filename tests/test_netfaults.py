@@ -94,7 +94,7 @@ def test_peer_cut_off_and_reconnected_rejoins(swarm_factory, veth_namespace):
                     host=net.ns_ip, prefix=("ip", "netns", "exec", net.ns))
         for name in ("s1p0", "s1p1"):
             swarm.wait_ready(name, 120)
-        swarm.start("s0p0", 0, "--max-steps", "100000", "--test-delay", "0.02", host=net.host_ip)
+        swarm.start("s0p0", 0, "--max-steps", "100000", faults="slow=0.02", host=net.host_ip)
         swarm.wait_ready("s0p0", 120)
         cut_off = "s1p1"
         _wait(lambda: _last(MICROBATCHES_RE, swarm.log(cut_off)) > 0 and "group 2, ok" in swarm.log(cut_off), 180,

@@ -2,7 +2,6 @@
 import pytest
 from hivemind import DHT
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm_peer.identity import Identity, IdentityError, load_identity, signer_peer_id
 from swarm_peer.records import StageRecord, local_public_key, make_validators, read_stage_records, stage_key

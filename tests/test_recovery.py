@@ -28,10 +28,10 @@ def test_recovery_without_donor_goes_on_and_rounds_never_block_the_compute_threa
     boot = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators("nodonor", 1))
     try:
         swarm.bootstrap = str(boot.get_visible_maddrs()[0])
-        slow = ("--max-steps", str(STEPS), "--test-delay", "0.25")  # ~1 s a step: joiners find the run going on
-        swarm.start("a", 0, *slow, **_faults("perturb_round=1", "refuse_state", "guard_averager"))
+        steps, slow = ("--max-steps", str(STEPS)), "slow=0.25"  # ~1 s a step: joiners find the run going on
+        swarm.start("a", 0, *steps, **_faults("perturb_round=1", "refuse_state", "guard_averager", slow))
         for name in ("b", "c"):
-            swarm.start(name, 0, *slow, **_faults("refuse_state", "guard_averager"))
+            swarm.start(name, 0, *steps, **_faults("refuse_state", "guard_averager", slow))
         for name in ("a", "b", "c"):
             assert swarm.wait_exit(name, 400) == 0, swarm.log(name)[-3000:]
     finally:

@@ -21,9 +21,9 @@ def test_sigterm_checkpoint_then_resume_and_catch_up(swarm_factory, tmp_path):
     swarm.start("s1", 1, "--max-steps", "100")
     swarm.wait_ready("s1")
     ck_a, ck_b = tmp_path / "ck_a", tmp_path / "ck_b"
-    common = ["--max-steps", "100", "--test-delay", "0.1"]  # slowed down: the run outlasts a restart
-    swarm.start("s0a", 0, "--data-shard", "0/2", "--checkpoint-dir", str(ck_a), *common)
-    swarm.start("s0b", 0, "--data-shard", "1/2", "--checkpoint-dir", str(ck_b), *common)
+    common = {"faults": "slow=0.1"}  # slowed down: the run outlasts a restart
+    swarm.start("s0a", 0, "--data-shard", "0/2", "--checkpoint-dir", str(ck_a), "--max-steps", "100", **common)
+    swarm.start("s0b", 0, "--data-shard", "1/2", "--checkpoint-dir", str(ck_b), "--max-steps", "100", **common)
     deadline = time.monotonic() + 180
     while _round_reached(swarm.log("s0a")) < 2:
         assert time.monotonic() < deadline, swarm.log("s0a")[-3000:]
@@ -35,7 +35,7 @@ def test_sigterm_checkpoint_then_resume_and_catch_up(swarm_factory, tmp_path):
     while _round_reached(swarm.log("s0b")) < stopped_at + 2:  # the stage moves on without it
         assert time.monotonic() < deadline + 120, swarm.log("s0b")[-3000:]
         time.sleep(0.3)
-    swarm.start("s0a2", 0, "--data-shard", "0/2", "--checkpoint-dir", str(ck_a), *common)
+    swarm.start("s0a2", 0, "--data-shard", "0/2", "--checkpoint-dir", str(ck_a), "--max-steps", "100", **common)
     for name in ("s0a2", "s0b", "s1"):
         assert swarm.wait_exit(name, 300) == 0, swarm.log(name)[-3000:]
     a, b = swarm.summary("s0a2"), swarm.summary("s0b")

@@ -30,7 +30,7 @@ def test_joiner_and_later_stages_follow_the_stage_schedule(swarm_factory):
     swarm = swarm_factory("schedule", ["swarm.num_stages=2", "swarm.sync_every=4", f"run.max_steps={MAX_STEPS}",
                                        f"optim.inner.warmup_steps={WARMUP}", "optim.inner.min_lr_ratio=0.1",
                                        "run.eval_interval=1000"])
-    swarm.start("c", 1, "--test-delay", "0.1")  # slow enough that j joins mid-run
+    swarm.start("c", 1, faults="slow=0.1")  # slow enough that j joins mid-run
     swarm.wait_ready("c")
     swarm.start("a", 0, "--data-shard", "0/2")
     deadline = time.monotonic() + 240

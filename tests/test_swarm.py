@@ -90,7 +90,7 @@ def test_two_by_two_trains_and_wiring_avoids_slow_peer(swarm_factory):
     swarm = swarm_factory("twobytwo", ["swarm.num_stages=2", "optim.inner.lr=3e-3"])
     swarm.start("s1p0", 1)
     swarm.wait_ready("s1p0")
-    swarm.start("s1p1", 1, "--test-delay", "0.25")  # test-only: a slower stage-1 peer
+    swarm.start("s1p1", 1, faults="slow=0.25")  # test-only: a slower stage-1 peer
     swarm.wait_ready("s1p1")
     for p in range(2):
         swarm.start(f"s0p{p}", 0, "--data-shard", f"{p}/2", "--max-steps", "25")
