@@ -36,6 +36,7 @@ import torch
 from swarm_peer.config import Config
 from swarm_peer.model import StageModel, build_stage, stage_spec, weights_hash
 from swarm_peer.optim import build_inner_optimizer, clip_grad_norm, scheduled_lr
+from swarm_peer.transport import Busy
 
 STEP, BACKWARD, FORWARD = 0, 1, 2
 LEDGER_STEPS = 256  # the summary lists which microbatches each of the last this-many inner steps summed
@@ -112,7 +113,7 @@ class GradientWindow:
         try:
             while not self._open.is_set():
                 if rejectable and self._reject.is_set():
-                    raise RuntimeError("busy: synchronizing with stage peers")
+                    raise Busy("synchronizing with stage peers")
                 waits = [asyncio.ensure_future(self._open.wait())]
                 if rejectable:
                     waits.append(asyncio.ensure_future(self._reject.wait()))

@@ -32,7 +32,7 @@ from swarm_peer.run_end import unbacked_grace, upstream_done
 from swarm_peer.sync import StageSync
 from swarm_peer.sync_rules import format_round, mismatched_mates, stage_peers
 from swarm_peer.telemetry import PeerTelemetry, memory_report
-from swarm_peer.transport import RemoteError, StageServicer, TransportError, call_forward
+from swarm_peer.transport import Busy, RemoteError, StageServicer, TransportError, call_forward
 from swarm_peer.validation import (RequestShape, checked_values, validate_hidden_request, validate_sample_position,
                                    validate_token_request)
 
@@ -347,14 +347,14 @@ class StageWorker:
                 self.stats["retries"] += 1
                 log.warning(f"stage {self.stage + 1} peer {peer[-8:]} sent a bad reply ({e}); banned, rerouting")
                 continue
+            except Busy:  # backpressure, not a fault: back off a little and draw again
+                self.router.failed(peer, ban=False)
+                self.stats["busy_replies"] += 1
+                await asyncio.sleep(busy_wait)
+                busy_wait = min(0.5, busy_wait * 1.5)
+                continue
             except RemoteError as e:
-                busy = str(e).startswith("busy")
-                self.router.failed(peer, ban=not busy)
-                if busy:  # backpressure, not a fault: back off a little and draw again
-                    self.stats["busy_replies"] += 1
-                    await asyncio.sleep(busy_wait)
-                    busy_wait = min(0.5, busy_wait * 1.5)
-                    continue
+                self.router.failed(peer, ban=True)
                 failures += 1
                 self.stats["retries"] += 1
                 log.warning(f"stage {self.stage + 1} peer {peer[-8:]} rejected microbatch: {e}")
@@ -378,15 +378,15 @@ class StageWorker:
 
     async def handle(self, meta: dict, tensors: list, remote) -> tuple[dict, list]:
         if self.state != "online":
-            raise RuntimeError(f"busy: peer is {self.state}")
+            raise Busy(f"peer is {self.state}")
         if self.spec.is_first:  # stage 0 owns the data: it serves only inference (eval / sample) from token ids
             ids, labels = validate_token_request(meta, tensors, self._shape())
             return await self._handle_eval(meta, ids, labels)
         samples, hidden, labels = validate_hidden_request(meta, tensors, self._shape())
         if self.window.waiting + self.window.pending >= 2 * self.cfg.swarm.max_inflight:
-            raise RuntimeError("busy: queue full")  # backpressure: the sender reroutes
+            raise Busy("queue full")  # backpressure: the sender reroutes
         if self.sync.progress.syncing:
-            raise RuntimeError("busy: synchronizing with stage peers")
+            raise Busy("synchronizing with stage peers")
         if meta.get("eval") or "sample" in meta:
             return await self._handle_eval(meta, hidden, labels)
         await self.window.admit(samples, rejectable=True)

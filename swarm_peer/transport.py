@@ -3,7 +3,8 @@
 Wire format, both directions: a stream of ExpertRequest (call) / ExpertResponse (reply) messages. The first message's
 `metadata` is msgpack({"n": number of tensors, "m": metadata dict}); the tensors follow as runtime_pb2.Tensor parts
 in hivemind's split_for_streaming layout (the first part of a tensor carries dtype/size/compression and `chunks`, the
-rest only bytes), packed into messages of about `chunk_bytes`. An error reply is {"n": 0, "m": {"error": "..."}}.
+rest only bytes), packed into messages of about `chunk_bytes`. An error reply is {"n": 0, "m": {"error": "..."}}, with
+`"code": "busy"` for backpressure (`Busy`).
 Streams bypass hivemind's 4 MiB unary limit and its unary timeouts (we apply our own). Caps are checked as parts
 arrive and before decoding, but hivemind itself reads each stream message whole (8-byte length prefix, no cap) and
 prefetches up to 5 of them: a hostile caller can still make us buffer a few huge messages. In a private swarm
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[dict, "list[torch.Tensor]", PeerID], Awaitable["tuple[dict, list[torch.Tensor]]"]]
 
 
+BUSY = "busy"  # the error reply's code for backpressure (Busy)
+
+
 class TransportError(RuntimeError):
     """The peer could not be reached, broke the protocol or did not answer in time: ban it."""
 
@@ -47,7 +51,13 @@ class TransportTimeout(TransportError):
 
 
 class RemoteError(RuntimeError):
-    """The peer answered with an error reply: it is alive; str(e) is its message (e.g. "busy: queue full")."""
+    """The peer answered with an error reply: it is alive; str(e) is its message."""
+
+
+class Busy(RemoteError):
+    """Backpressure, not a fault: the peer is well but cannot take this request now (queue full, synchronizing with
+    its stage, not online yet); the sender draws another peer without banning this one. A handler raises it; on the
+    wire it is the error reply's `"code": "busy"`, and `call_forward` raises it again on the caller's side."""
 
 
 class ProtocolError(ValueError):
@@ -88,7 +98,7 @@ class Limits:
 
 
 def _one_line(error: BaseException) -> str:
-    """The message alone (callers match prefixes such as "busy"); the type name only when there is no message."""
+    """The message alone; the type name only when there is no message."""
     return " ".join((str(error) or type(error).__name__).split())[:300]
 
 
@@ -268,7 +278,8 @@ class StageServicer(ServicerBase):
         except Exception as e:  # CancelledError (caller gone) passes through
             failed = True
             logger.debug(f"rpc_forward from {context.remote_id}: error reply: {_one_line(e)}")
-            messages = _encode({"error": _one_line(e)}, [], "none", self.chunk_bytes, runtime_pb2.ExpertResponse)
+            error = {"error": _one_line(e), **({"code": BUSY} if isinstance(e, Busy) else {})}
+            messages = _encode(error, [], "none", self.chunk_bytes, runtime_pb2.ExpertResponse)
         self.stats.add(served=1, served_errors=int(failed))
         for message, nbytes in messages:
             self.stats.add(bytes_sent=nbytes)
@@ -312,7 +323,7 @@ async def call_forward(p2p: P2P, peer_id: PeerID, metadata: dict, tensors: list[
         raise TransportError(f"call to {peer_id} failed: {type(e).__name__}: {_one_line(e)}") from e
     if "error" in reply_metadata:
         stats.add(call_failures=1)
-        raise RemoteError(str(reply_metadata["error"]))
+        raise (Busy if reply_metadata.get("code") == BUSY else RemoteError)(str(reply_metadata["error"])[:300])
     return reply_metadata, reply_tensors
 
 

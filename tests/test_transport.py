@@ -29,14 +29,16 @@ REQUEST_TIMEOUT = 3.0  # servers give up on a request stream that stalls this lo
 def _serve() -> None:
     import hivemind
 
-    from swarm_peer.transport import LoopThread, StageServicer
+    from swarm_peer.transport import Busy, LoopThread, StageServicer
 
     async def handler(metadata, tensors, remote_peer):
         op = metadata.get("op", "echo")
         if op == "fail":
             raise ValueError("handler failed\non purpose")
         if op == "busy":
-            raise RuntimeError("busy: queue full")
+            raise Busy("queue full")
+        if op == "says_busy":  # an ordinary error whose text merely starts with "busy": not backpressure
+            raise RuntimeError("busy: but a real failure")
         if op == "sleep":
             await asyncio.sleep(metadata["seconds"])
         if op == "bad_reply":
@@ -229,14 +231,18 @@ def test_codecs(client, servers, codec):
     assert torch.equal(ids_back, ids)  # integers never compressed
 
 
-def test_handler_error_is_remote_error(client, servers):
-    from swarm_peer.transport import RemoteError
+def test_handler_error_is_remote_error_and_backpressure_is_typed(client, servers):
+    from swarm_peer.transport import Busy, RemoteError
 
-    with pytest.raises(RemoteError, match="handler failed on purpose"):
+    with pytest.raises(RemoteError, match="handler failed on purpose") as failed:
         _call(client, servers[0], {"op": "fail"}, [torch.ones(2)])
-    with pytest.raises(RemoteError) as busy:
+    assert not isinstance(failed.value, Busy)
+    with pytest.raises(Busy) as busy:  # a code on the wire, not a prefix of the message
         _call(client, servers[0], {"op": "busy"}, [])
-    assert str(busy.value) == "busy: queue full"  # the handler's message, verbatim: callers match prefixes
+    assert str(busy.value) == "queue full"
+    with pytest.raises(RemoteError) as says_busy:
+        _call(client, servers[0], {"op": "says_busy"}, [])
+    assert not isinstance(says_busy.value, Busy)
     with pytest.raises(RemoteError, match="handler must return"):
         _call(client, servers[0], {"op": "bad_reply"}, [])
     _assert_alive(client, servers[0])
