@@ -30,7 +30,7 @@ from swarm_peer.records import Announcer, StageRecord, read_stage_records
 from swarm_peer.routing import Candidate, Router
 from swarm_peer.run_end import unbacked_grace, upstream_done
 from swarm_peer.sync import StageSync
-from swarm_peer.sync_rules import format_round, mismatched_mates, stage_peers
+from swarm_peer.sync_rules import StageView, format_round, mismatched_mates, stage_peers
 from swarm_peer.telemetry import PeerTelemetry, memory_report
 from swarm_peer.transport import Busy, RemoteError, StageServicer, TransportError, call_forward
 from swarm_peer.validation import (RequestShape, checked_values, validate_hidden_request, validate_sample_position,
@@ -161,8 +161,8 @@ class StageWorker:
         return Candidate(rec.peer_id, rec.queue, rec.inflight, rec.max_inflight, rec.throughput, rec.syncing)
 
     # ------------------------------------------------------------------------------- same-stage sync glue
-    def _refresh_stage(self) -> list[StageRecord]:
-        """Blocking: re-read this stage's records; what sync.py decides from."""
+    def _refresh_stage(self) -> StageView:
+        """Blocking: re-read this stage's records; what sync.py decides from (one StageView, handed over whole)."""
         peers = [p for p in read_stage_records(self.dht, self.run_id, self.stage) if self.sync.trusts(p.peer_id)]
         # a record not refreshed for a few announce periods belongs to a peer that is gone (killed, cut off): do not
         # wait for it in rounds until its record expires (swarm.record_ttl), which would stall the stage that long
@@ -171,17 +171,19 @@ class StageWorker:
         now = get_dht_time()
         fresh = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) <= stale_after]
         stale = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) > stale_after]
-        self.sync.see(stage_peers(self.peer_id, fresh, self.mates_fingerprint))
-        self.sync.silent = stage_peers(self.peer_id, stale, self.mates_fingerprint)
-        self.sync.departed = [r for r in fresh if r.peer_id != self.peer_id and r.state in ("finished", "offline")
-                              and r.mates_fingerprint == self.mates_fingerprint]
+        view = StageView(
+            others=tuple(stage_peers(self.peer_id, fresh, self.mates_fingerprint)),
+            silent=tuple(stage_peers(self.peer_id, stale, self.mates_fingerprint)),
+            departed=tuple(r for r in fresh if r.peer_id != self.peer_id and r.state in ("finished", "offline")
+                           and r.mates_fingerprint == self.mates_fingerprint))
+        self.sync.see(view)
         for rec in mismatched_mates(self.peer_id, fresh, self.fingerprint, self.mates_fingerprint):
             if rec.peer_id not in self.warned_peers:
                 self.warned_peers.add(rec.peer_id)
                 log.warning(f"ignoring stage {self.stage} peer {rec.peer_id[-8:]} in rounds: its training settings "
                             f"differ from ours (sync mode, optimizer, batch, seed, data or averaging codec; "
                             f"model.MATES_SETTINGS): it is never averaged with")
-        return self.sync.others
+        return view
 
     async def _publish_now(self) -> None:
         try:

@@ -38,7 +38,7 @@ from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, squared_norm, tensors_hash
 from swarm_peer.records import StageRecord
-from swarm_peer.sync_rules import (Progress, averaging_buffer_dtype, choose_donors, group_clock, group_hash, max_round_weight,
+from swarm_peer.sync_rules import (Progress, StageView, averaging_buffer_dtype, choose_donors, group_clock, group_hash, max_round_weight,
                                    remember_agreements, round_bits, round_due, state_problem, vouched,
                                    vouched_recently)
 
@@ -51,7 +51,7 @@ DECLINES_TO_DISTRUST = 3  # ... or declined to serve it this many times in a row
 # ------------------------------------------------------------------------------------------------ the peer side
 class StageSync:
     """One peer's side of its stage's rounds. Torch work runs on the peer's compute thread; blocking hivemind calls
-    in executor threads; decisions read the stage's records that the worker refreshes (`others`)."""
+    in executor threads; decisions read the stage's records that the worker refreshes (`view`, replaced whole)."""
 
     def __init__(self, cfg: Config, stage: int, dht, run_id: str, shapes: list[torch.Size], compute: ComputeThread,
                  fingerprint: str, swarm_key=None):
@@ -63,10 +63,8 @@ class StageSync:
         self.trainer: StageTrainer | None = None
         self.outer: OuterOptimizer | None = None
         self.progress = Progress(global_hash="")
-        self.others: list[StageRecord] = []
+        self.view = StageView()  # replaced whole by see(): read it once per decision
         self.agreed: dict[int, dict[str, float]] = {}  # round -> majority hashes seen recently (remember_agreements)
-        self.silent: list[StageRecord] = []  # stage peers whose records stopped being refreshed (gone, or just slow)
-        self.departed: list[StageRecord] = []  # stage peers whose fresh records say finished/offline
         self.training = True  # False once this peer is done training (it still takes part in rounds)
         self.rounds: list[dict] = []
         self.recoveries: list[dict] = []
@@ -129,10 +127,15 @@ class StageSync:
         self.clock_pending = True  # the stage trains on while this peer starts up: catch up at its first step
         self.progress = Progress(global_hash=self._state_hash(), round=int(meta["round"]))
 
-    def see(self, others: list[StageRecord]) -> None:
+    def see(self, view: StageView) -> None:
         """The worker's fresh look at the stage's other peers."""
-        self.others = others
-        remember_agreements(self.agreed, others, time.monotonic(), AGREEMENT_MEMORY_S)
+        agreed = {r: dict(hashes) for r, hashes in self.agreed.items()}  # a new dict, handed over whole like the view
+        remember_agreements(agreed, list(view.others), time.monotonic(), AGREEMENT_MEMORY_S)
+        self.view, self.agreed = view, agreed
+
+    @property
+    def others(self) -> tuple[StageRecord, ...]:
+        return self.view.others
 
     def trusts(self, peer_id: str) -> bool:
         return self.distrusted.get(peer_id, 0.0) <= time.monotonic()
@@ -177,7 +180,8 @@ class StageSync:
         deadline = time.monotonic() + self.cfg.swarm.averaging_timeout
         attempts, last_error = 0, ""
         while time.monotonic() < deadline:
-            others = refresh()
+            view = refresh()
+            others = view.others
             if any(o.round > r and o.round_ok for o in others):
                 return None, "behind"
             # r - 1: about to publish round r. Sync mode: a mate done training (idle) steps no more
@@ -186,9 +190,9 @@ class StageSync:
                 # laggards further back recover from us instead. But a stage mate in this round whose record merely
                 # went quiet (an overloaded host, a slow DHT) may be averaging with others right now: a lone step
                 # then must not vote, or the round would end on two "agreed" hashes
-                if any(o.round >= r - 1 for o in self.silent):
+                if any(o.round >= r - 1 for o in view.silent):
                     return None, "alone (stage peers in this round unreachable)"
-                if any(o.round > r and o.round_ok for o in self.departed):  # they completed it, then left (or were
+                if any(o.round > r and o.round_ok for o in view.departed):  # they completed it, then left (or were
                     return None, "alone (stage peers completed this round and left)"  # stopped): no second hash
                 return None, "alone"
             with self.averager.get_tensors() as tensors:
@@ -203,8 +207,7 @@ class StageSync:
             control = self.averager.step(weight=weight, gather=mine, timeout=budget, allow_retries=False, wait=False)
 
             def give_up():
-                now = refresh()
-                if any(o.round > r and o.round_ok for o in now) and not control.began_allreduce:
+                if any(o.round > r and o.round_ok for o in refresh().others) and not control.began_allreduce:
                     return "the stage moved on"
                 return None
 
@@ -324,8 +327,8 @@ class StageSync:
     async def join(self, refresh) -> None:
         """Before serving: adopt the stage's current state from its peers; the first peer keeps the seeded init."""
         loop = asyncio.get_running_loop()
-        others = await loop.run_in_executor(None, refresh)
-        if self.mode == "none" or not others:
+        view = await loop.run_in_executor(None, refresh)
+        if self.mode == "none" or not view.others:
             log.info("no stage peers online; starting from the seeded init")
             return
         self.progress.round_ok = False  # not a voter until it holds the stage's state

@@ -23,6 +23,16 @@ class Progress:
     round_ok: bool = True
 
 
+@dataclass(frozen=True)
+class StageView:
+    """One look at the stage's other peers, taken whole by the worker's refresh (an executor thread) and replaced
+    whole: a reader on any thread sees one consistent look, never the live mates of one read with the silent ones of
+    another."""
+    others: tuple[StageRecord, ...] = ()  # live mates that take part in rounds (stage_peers)
+    silent: tuple[StageRecord, ...] = ()  # mates whose records stopped being refreshed (gone, or just slow)
+    departed: tuple[StageRecord, ...] = ()  # mates whose fresh records say finished/offline
+
+
 # --------------------------------------------------------------------------------------------- pure decisions
 def stage_peers(me: str, records: list[StageRecord], mates_fingerprint: str) -> list[StageRecord]:
     """The stage's other peers that take part in rounds: training (online) or done training but syncing (idle), with
