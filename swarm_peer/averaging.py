@@ -13,14 +13,13 @@ all tokens of its group before reducing, and hivemind's own (untokened) state do
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ctypes
 import logging
 import math
 import multiprocessing as mp
 import time
 from contextlib import contextmanager
-from typing import AsyncIterator, Callable, Iterator, Optional
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional
 
 import msgpack
 import torch
@@ -267,21 +266,27 @@ class StageAverager(DecentralizedAverager):
         return (metadata, tensors) if isinstance(metadata, dict) else None
 
 
-def wait_step(control, give_up: Callable[[], Optional[str]], poll: float = 0.25, deadline: float = math.inf,
-              phases: Optional[dict] = None):
-    """Wait for an averager StepControl; `give_up()` returning a reason cancels it. Returns (gathered, error).
-    `phases` gets "allreduce_at": when the all-reduce was first seen running (time.monotonic(), to within `poll`)."""
-    while True:
-        try:
-            return control.result(timeout=poll), None
-        except concurrent.futures.TimeoutError:  # MPFuture raises this one (not the builtin before Python 3.11)
-            pass
-        except Exception as e:  # the step failed
-            return None, " ".join(str(e).split())[:200] or type(e).__name__
-        finally:
+async def await_step(control, give_up: Callable[[], Awaitable[Optional[str]]], poll: float = 0.5,
+                     deadline: float = math.inf, phases: Optional[dict] = None):
+    """Await an averager StepControl (an MPFuture created in this event loop's thread); every `poll` s,
+    `await give_up()` returning a reason cancels it. Returns (gathered, error). `phases` gets "allreduce_at": when
+    the all-reduce was first seen running (time.monotonic(), to within `poll`)."""
+    async def result():
+        return await control
+    waiter = asyncio.ensure_future(result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=poll)
             if phases is not None and "allreduce_at" not in phases and control.began_allreduce:
                 phases["allreduce_at"] = time.monotonic()
-        reason = give_up() if time.monotonic() < deadline else "timed out"
-        if reason:
-            control.cancel()
-            return None, reason
+            if done:
+                try:
+                    return waiter.result(), None
+                except BaseException as e:  # the step failed (or was cancelled elsewhere)
+                    return None, " ".join(str(e).split())[:200] or type(e).__name__
+            reason = await give_up() if time.monotonic() < deadline else "timed out"
+            if reason:
+                control.cancel()
+                return None, reason
+    finally:
+        waiter.cancel()

@@ -32,7 +32,7 @@ import time
 import torch
 
 from swarm_peer.allreduce import FAILED_VALUES, RECEIVED, SENT
-from swarm_peer.averaging import StageAverager, wait_step
+from swarm_peer.averaging import StageAverager, await_step
 from swarm_peer.compression import compression_strategy
 from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
@@ -171,16 +171,19 @@ class StageSync:
         return choose_donors(self.me, self.progress, self.others)
 
     # ---- a round
-    def _average(self, r: int, weight: float, clock: float, refresh, contribute,
-                 phases: dict) -> tuple[dict | None, str]:
-        """Blocking: attempts until one completes or the round's deadline. Returns (gathered, outcome); `phases` gets
-        the completed attempt's "allreduce_s" (from the all-reduce first seen running, to within 0.5 s). Each attempt
-        writes this peer's contribution afresh into the averager's buffers (`contribute`, on the compute thread): a
-        failed attempt leaves them partly averaged, and no second full-size copy is kept to refill them from."""
+    async def _average(self, r: int, weight: float, clock: float, refresh, contribute,
+                       phases: dict) -> tuple[dict | None, str]:
+        """Attempts until one completes or the round's deadline, in the event loop: it awaits the averager's step
+        control; blocking calls (records, the averager's lock, its pipe) go to executor threads. Returns (gathered,
+        outcome); `phases` gets the completed attempt's "allreduce_s" (from the all-reduce first seen running, to
+        within 0.5 s). Each attempt writes this peer's contribution afresh into the averager's buffers (`contribute`,
+        on the compute thread): a failed attempt leaves them partly averaged, and no second full-size copy is kept to
+        refill them from."""
+        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.cfg.swarm.averaging_timeout
         attempts, last_error = 0, ""
         while time.monotonic() < deadline:
-            view = refresh()
+            view = await loop.run_in_executor(None, refresh)
             others = view.others
             if any(o.round > r and o.round_ok for o in others):
                 return None, "behind"
@@ -195,10 +198,12 @@ class StageSync:
                 if any(o.round > r and o.round_ok for o in view.departed):  # they completed it, then left (or were
                     return None, "alone (stage peers completed this round and left)"  # stopped): no second hash
                 return None, "alone"
-            with self.averager.get_tensors() as tensors:
-                self.compute.call(STEP, lambda: contribute(tensors))
-            self.averager.set_group_bits(round_bits(r))
-            self.averager.set_target_group_size(1 + len(joinable))
+            def prepare(size: int) -> None:  # the averager's lock may be held by a timed-out attempt: not the loop
+                with self.averager.get_tensors() as tensors:
+                    self.compute.call(STEP, lambda: contribute(tensors))
+                self.averager.set_group_bits(round_bits(r))
+                self.averager.set_target_group_size(size)
+            await loop.run_in_executor(None, prepare, 1 + len(joinable))
             attempts += 1
             budget = min(deadline - time.monotonic(), 3 * self.cfg.swarm.matchmaking_time + 1)
             if budget <= self.cfg.swarm.matchmaking_time:
@@ -206,13 +211,14 @@ class StageSync:
             mine = {"round": r, "hash": self.progress.global_hash, "clock": clock, "ok": self.progress.round_ok}
             control = self.averager.step(weight=weight, gather=mine, timeout=budget, allow_retries=False, wait=False)
 
-            def give_up():
-                if any(o.round > r and o.round_ok for o in refresh().others) and not control.began_allreduce:
+            async def give_up():
+                now = await loop.run_in_executor(None, refresh)
+                if any(o.round > r and o.round_ok for o in now.others) and not control.began_allreduce:
                     return "the stage moved on"
                 return None
 
             seen: dict = {}
-            gathered, error = wait_step(control, give_up, poll=0.5, deadline=deadline + 5, phases=seen)
+            gathered, error = await await_step(control, give_up, poll=0.5, deadline=deadline + 5, phases=seen)
             if gathered is not None:
                 phases["allreduce_s"] = time.monotonic() - seen.get("allreduce_at", time.monotonic())
                 return {str(k): v for k, v in gathered.items()}, f"averaged in {attempts} attempt(s)"
@@ -245,8 +251,7 @@ class StageSync:
         # mode: the step this average is for
         before = list(self.averager.traffic)
         phases: dict = {}
-        gathered, outcome = await loop.run_in_executor(None, self._average, r, weight, clock, refresh, contribute,
-                                                       phases)
+        gathered, outcome = await self._average(r, weight, clock, refresh, contribute, phases)
         if outcome == "behind":
             self.progress.syncing = False
             log.warning(f"stage round {r}: the stage is ahead of this peer; recovering its state")
