@@ -8,6 +8,10 @@ units of the buffers' size (0 would be "no copy at all"; hivemind's stock path h
 concatenates them, ~2 copies), and writes the figures as JSON.
 
     .venv/bin/python scripts/averaging_memory.py [--values 82000000] [--rounds 3] [--codec fp32] [--json out.json]
+
+--download instead measures a state download: the second averager fetches the first's state (a DiLoCo stage's
+global copy + momentum, 2 x the buffers) and its peak growth above idle, less the state it received, is reported in
+units of the largest tensor (the received chunks, a joined copy and a copy into shared memory were 3 of it).
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--codec", default="fp32")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--download", action="store_true")
     args = ap.parse_args()
     shapes = _shapes(args.values)
     nbytes = sum(torch.Size(s).numel() for s in shapes) * 4
@@ -54,10 +59,11 @@ def main() -> int:
     dhts = [first, DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                        initial_peers=[str(m) for m in first.get_visible_maddrs()])]
     averagers = []
+    state = [torch.full(s, 1.0).share_memory_() for s in shapes * 2] if args.download else []
     for i, dht in enumerate(dhts):  # forked before the buffers are filled, as a peer does
         buffers = [torch.full(s, float(i)) for s in shapes]
         averagers.append(StageAverager(
-            buffers, dht, get_state=lambda: ({"round": 0}, []), prefix="avgmem", start=True, min_group_size=2,
+            buffers, dht, get_state=lambda: ({"round": 0}, state), prefix="avgmem", start=True, min_group_size=2,
             target_group_size=2, min_matchmaking_time=2.0, request_timeout=1.0,
             compression=compression_strategy(args.codec), allreduce_timeout=300, next_chunk_timeout=60,
             declare_state_period=5))
@@ -75,6 +81,8 @@ def main() -> int:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     seconds = []
+    if args.download:
+        return _download(args, averagers, dhts, pids, idle, peaks, stop, sampler, state)
     try:
         for r in range(args.rounds):
             t0 = time.monotonic()
@@ -97,6 +105,33 @@ def main() -> int:
               "peak_growth_in_buffer_sizes": growth, "average_correct": ok}
     print(f"buffers {nbytes / 1e9:.2f} GB ({args.codec}); rounds {', '.join(f'{s:.1f}' for s in seconds)} s; "
           f"averager peak above idle: {', '.join(f'{g:.2f}' for g in growth)} x the buffers; average correct: {ok}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0 if ok else 1
+
+
+def _download(args, averagers, dhts, pids, idle, peaks, stop, sampler, state) -> int:
+    state_bytes = sum(t.numel() * 4 for t in state)
+    largest = max(t.numel() * 4 for t in state)
+    try:
+        t0 = time.monotonic()
+        got = averagers[1].download_state([str(dhts[0].peer_id)], len(state), timeout=300)
+        seconds = time.monotonic() - t0
+        ok = got is not None and all(torch.equal(a, b) for a, b in zip(got[1], state))
+        del got
+    finally:
+        stop.set()
+        sampler.join()
+        for a in averagers:
+            a.shutdown()
+        for d in dhts:
+            d.shutdown()
+    extra = (peaks[1] - idle[1] - state_bytes) / largest
+    result = {"state_bytes": state_bytes, "largest_tensor_bytes": largest, "seconds": seconds,
+              "downloader_idle_uss_bytes": idle[1], "downloader_peak_uss_bytes": peaks[1],
+              "peak_beyond_the_state_in_largest_tensors": extra, "state_correct": ok}
+    print(f"state {state_bytes / 1e9:.2f} GB downloaded in {seconds:.1f} s; the downloader's averager peaked "
+          f"{extra:.2f} x the largest tensor ({largest / 1e6:.0f} MB) beyond the state itself; correct: {ok}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0 if ok else 1

@@ -30,10 +30,10 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout
-from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from hivemind.utils.streaming import split_for_streaming
 
 from swarm_peer.allreduce import FAILED_VALUES, ValueAllReduceRunner
-from swarm_peer.state_transfer import serialize_state, shared, stream_consistent
+from swarm_peer.state_transfer import TensorReceiver, serialize_state, stream_consistent
 from swarm_peer.swarm_key import SwarmKey, auth_error
 
 log = logging.getLogger("swarm_peer")
@@ -250,16 +250,22 @@ class StageAverager(DecentralizedAverager):
         request = runtime_pb2.ExpertRequest(metadata=msgpack.packb(query))
         stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
         stream = await stub.rpc_download_slice(request)
-        metadata, tensors, parts = None, [], []
+        metadata, tensors, receiving = None, [], None
         async for message in aiter_with_timeout(stream, timeout=timeout):
             if metadata is None:
                 metadata = message.metadata
-            if message.tensor_part.dtype and parts:
-                tensors.append(shared(combine_from_streaming(parts)))
-                parts = []
-            parts.append(message.tensor_part)
-        if parts:
-            tensors.append(shared(combine_from_streaming(parts)))
+            if message.tensor_part.dtype:  # the first chunk of the next tensor
+                if receiving is not None:
+                    tensors.append(receiving.result())
+                if len(tensors) >= len(indices):
+                    return None  # more tensors than asked for
+                receiving = TensorReceiver(message.tensor_part)
+            elif receiving is None:
+                return None  # a chunk before any tensor's first one
+            else:
+                receiving.add(message.tensor_part.buffer)
+        if receiving is not None:
+            tensors.append(receiving.result())
         if not metadata or len(tensors) != len(indices):
             return None
         metadata = self.serializer.loads(metadata)

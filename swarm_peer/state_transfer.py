@@ -2,11 +2,17 @@
 version, and received straight into shared memory (used by averaging.StageAverager)."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import combine_from_streaming
+
+MAX_STATE_TENSOR_BYTES = 1 << 33  # 8 GiB: a donor claiming a bigger tensor is refused before anything is allocated
+_RAW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 
 
 def stream_consistent(tensors: list, wanted: list[int], version: Callable[[], int], expected: int,
@@ -29,6 +35,43 @@ def shared(serialized: runtime_pb2.Tensor) -> torch.Tensor:
     """A downloaded tensor, moved to shared memory at once: handing the state to the host process then passes file
     descriptors instead of copying every tensor into shared memory while all of them are held (2x the state)."""
     return deserialize_torch_tensor(serialized).share_memory_()
+
+
+class TensorReceiver:
+    """One downloaded tensor, its chunks written straight into a shared-memory tensor as they arrive: no list of
+    chunks, no joined copy, no copy into shared memory afterwards (three copies of the largest tensor at peak before,
+    one now). The size the first chunk claims is capped before the allocation, and the bytes must fill it exactly.
+    Compressed tensors take hivemind's way (join the chunks, decode, then share)."""
+
+    def __init__(self, first: runtime_pb2.Tensor):
+        self.out, self.parts, self.filled = None, [first], 0
+        dtype = _RAW_DTYPES.get(first.dtype)
+        if first.compression == runtime_pb2.CompressionType.NONE and dtype is not None:
+            shape = tuple(first.size)
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if any(d < 0 for d in shape) or nbytes > MAX_STATE_TENSOR_BYTES:
+                raise ValueError(f"a state tensor of shape {shape} {first.dtype} is refused")
+            self.out = torch.empty(shape, dtype=dtype).share_memory_()
+            self._bytes = self.out.view(-1).view(torch.uint8).numpy()  # the shared buffer itself
+            self.parts = []
+            self.add(first.buffer)
+
+    def add(self, buffer: bytes) -> None:
+        if self.out is None:
+            self.parts.append(runtime_pb2.Tensor(buffer=buffer))
+            return
+        end = self.filled + len(buffer)
+        if end > len(self._bytes):
+            raise ValueError(f"a state tensor sent more than its {len(self._bytes)} bytes")
+        self._bytes[self.filled:end] = np.frombuffer(buffer, dtype=np.uint8)
+        self.filled = end
+
+    def result(self) -> torch.Tensor:
+        if self.out is None:
+            return shared(combine_from_streaming(self.parts))
+        if self.filled != len(self._bytes):
+            raise ValueError(f"a state tensor ended after {self.filled} of its {len(self._bytes)} bytes")
+        return self.out
 
 
 def serialize_state(compression, tensor: torch.Tensor) -> runtime_pb2.Tensor:

@@ -62,3 +62,40 @@ def test_a_stream_stops_when_the_state_changes_under_it():
     assert list(stream_consistent(tensors, [2, 0], lambda: 2, 2, lambda t: t)) == [tensors[2], tensors[0]]
     assert not list(stream_consistent(tensors, [0], lambda: 3, 3, lambda t: t))  # odd: being written
     assert not list(stream_consistent(tensors, [5], lambda: 2, 2, lambda t: t))  # not a tensor of this state
+
+
+def test_a_downloaded_tensor_is_received_straight_into_shared_memory_and_checked():
+    import pytest
+    from hivemind.compression import NoCompression
+    from hivemind.utils.streaming import split_for_streaming
+
+    from swarm_peer.compression import compression_strategy
+    from swarm_peer.state_transfer import TensorReceiver, serialize_state
+
+    tensor = torch.randn(300, 77)
+
+    def receive(serialized, chunk=4096):
+        chunks = list(split_for_streaming(serialized, chunk))
+        receiver = TensorReceiver(chunks[0])
+        for c in chunks[1:]:
+            receiver.add(c.buffer)
+        return receiver.result()
+
+    got = receive(serialize_state(NoCompression(), tensor))
+    assert torch.equal(got, tensor) and got.is_shared() and got.dtype == torch.float32
+    half = receive(serialize_state(compression_strategy("fp16"), tensor))  # compressed: hivemind's way
+    assert half.is_shared() and torch.allclose(half, tensor, atol=2e-3)
+
+    first, *rest = split_for_streaming(serialize_state(NoCompression(), tensor), 4096)
+    short = TensorReceiver(first)
+    with pytest.raises(ValueError, match="ended after"):
+        short.result()  # a donor that stopped mid-tensor
+    extra = TensorReceiver(first)
+    for c in rest:
+        extra.add(c.buffer)
+    with pytest.raises(ValueError, match="more than"):
+        extra.add(b"\0" * 4)
+    huge = serialize_state(NoCompression(), torch.zeros(2))
+    huge.size[:] = [1 << 20, 1 << 20]  # a claim of 4 TiB: refused before anything is allocated
+    with pytest.raises(ValueError, match="refused"):
+        TensorReceiver(huge)
