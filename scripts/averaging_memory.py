@@ -11,7 +11,8 @@ concatenates them, ~2 copies), and writes the figures as JSON.
 
 --download instead measures a state download: the second averager fetches the first's state (a DiLoCo stage's
 global copy + momentum, 2 x the buffers) and its peak growth above idle, less the state it received, is reported in
-units of the largest tensor (the received chunks, a joined copy and a copy into shared memory were 3 of it).
+units of the largest tensor (the received chunks, a joined copy and a copy into shared memory were 3 of it), and
+the donor's averager's peak growth in the same units (a serialized copy of each tensor it streamed was 1).
 """
 from __future__ import annotations
 
@@ -127,11 +128,15 @@ def _download(args, averagers, dhts, pids, idle, peaks, stop, sampler, state) ->
         for d in dhts:
             d.shutdown()
     extra = (peaks[1] - idle[1] - state_bytes) / largest
+    donor = (peaks[0] - idle[0]) / largest
     result = {"state_bytes": state_bytes, "largest_tensor_bytes": largest, "seconds": seconds,
+              "donor_idle_uss_bytes": idle[0], "donor_peak_uss_bytes": peaks[0],
+              "donor_peak_growth_in_largest_tensors": donor,
               "downloader_idle_uss_bytes": idle[1], "downloader_peak_uss_bytes": peaks[1],
               "peak_beyond_the_state_in_largest_tensors": extra, "state_correct": ok}
     print(f"state {state_bytes / 1e9:.2f} GB downloaded in {seconds:.1f} s; the downloader's averager peaked "
-          f"{extra:.2f} x the largest tensor ({largest / 1e6:.0f} MB) beyond the state itself; correct: {ok}")
+          f"{extra:.2f} x the largest tensor ({largest / 1e6:.0f} MB) beyond the state itself, the donor's "
+          f"{donor:.2f} x; correct: {ok}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0 if ok else 1

@@ -26,6 +26,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.partition import AllreduceException
+from hivemind.compression import NoCompression
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
@@ -33,7 +34,7 @@ from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import split_for_streaming
 
 from swarm_peer.allreduce import FAILED_VALUES, ValueAllReduceRunner
-from swarm_peer.state_transfer import TensorReceiver, serialize_state, stream_consistent
+from swarm_peer.state_transfer import RAW_DTYPES, TensorReceiver, raw_chunks, serialize_state, stream_consistent
 from swarm_peer.swarm_key import SwarmKey, auth_error
 
 log = logging.getLogger("swarm_peer")
@@ -185,11 +186,13 @@ class StageAverager(DecentralizedAverager):
             return  # being written: the downloader asks another donor or again
         metadata, tensors, _ = await self._get_current_state_from_host_process()
         first = True
-        serialize = lambda t: serialize_state(self.state_compression, t)  # noqa: E731 (a copy of one tensor)
-        for serialized in stream_consistent(tensors, wanted, lambda: self.state_version.value, version, serialize):
-            for part in split_for_streaming(serialized):
-                yield averaging_pb2.DownloadData(tensor_part=part, metadata=metadata if first else b"")
-                first = False
+        if isinstance(self.state_compression, NoCompression) and all(t.dtype in RAW_DTYPES.values() for t in tensors):
+            chunks = raw_chunks  # straight from the live tensors
+        else:  # a codec: a serialized copy of one tensor at a time
+            chunks = lambda t: split_for_streaming(serialize_state(self.state_compression, t))  # noqa: E731
+        for part in stream_consistent(tensors, wanted, lambda: self.state_version.value, version, chunks):
+            yield averaging_pb2.DownloadData(tensor_part=part, metadata=metadata if first else b"")
+            first = False
 
     def download_state(self, donors: list[str], num_tensors: int, timeout: float) -> Optional[tuple[dict, list]]:
         """Fetch all `num_tensors` state tensors, split across `donors` (base58 peer ids) and fetched concurrently; a

@@ -1,5 +1,6 @@
-"""The state a donor streams to a downloader, tensor by tensor: read consistently against the state's seqlock
-version, and received straight into shared memory (used by averaging.StageAverager)."""
+"""The state a donor streams to a downloader, tensor by tensor: read chunk by chunk from the live tensors,
+consistently against the state's seqlock version, and received chunk by chunk straight into shared memory (used by
+averaging.StageAverager)."""
 from __future__ import annotations
 
 import math
@@ -12,23 +13,43 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming
 
 MAX_STATE_TENSOR_BYTES = 1 << 33  # 8 GiB: a donor claiming a bigger tensor is refused before anything is allocated
-_RAW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
+RAW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
+_DTYPE_NAMES = {dtype: name for name, dtype in RAW_DTYPES.items()}
+CHUNK_BYTES = 1 << 19  # a streamed chunk of a state tensor (the all-reduce's part size)
 
 
 def stream_consistent(tensors: list, wanted: list[int], version: Callable[[], int], expected: int,
-                      serialize: Callable) -> Iterator:
-    """Serialize `tensors[i]` for i in `wanted` while the state's version stays `expected` (even): a change while
-    one was read means it may be torn, so the stream ends there (the downloader's short reply fails its download;
-    its retries ask again). Each tensor is checked after it was copied out, as a seqlock reader does."""
-    if expected % 2 or version() != expected:
-        return
+                      chunks: Callable[[torch.Tensor], Iterator[runtime_pb2.Tensor]]) -> Iterator[runtime_pb2.Tensor]:
+    """The chunks of `tensors[i]` for i in `wanted`, while the state's version stays `expected` (even). Each tensor's
+    last chunk is held back until all of it has been read and the version checked again, as a seqlock reader does: a
+    change meanwhile means it may be torn, so the stream ends there, that tensor short (the downloader refuses it;
+    its retries ask again)."""
     for index in wanted:
-        if not 0 <= index < len(tensors):
+        if expected % 2 or version() != expected or not 0 <= index < len(tensors):
             return
-        serialized = serialize(tensors[index])
+        pieces = chunks(tensors[index])
+        held = next(pieces)
+        for piece in pieces:
+            yield held
+            held = piece
         if version() != expected:
             return
-        yield serialized
+        yield held
+
+
+def raw_chunks(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> Iterator[runtime_pb2.Tensor]:
+    """An uncompressed tensor as hivemind's streamed chunks, read straight from its memory (a live shared tensor):
+    one chunk's copy at a time, never a serialized copy of the whole tensor."""
+    data = tensor.detach().contiguous()
+    raw = data.view(-1).view(torch.uint8).numpy()
+    count = max(1, math.ceil(len(raw) / chunk_bytes))
+    for k in range(count):
+        piece = raw[k * chunk_bytes:(k + 1) * chunk_bytes].tobytes()
+        if k == 0:
+            yield runtime_pb2.Tensor(compression=runtime_pb2.CompressionType.NONE, buffer=piece, chunks=count,
+                                     size=data.shape, dtype=_DTYPE_NAMES[data.dtype], requires_grad=False)
+        else:
+            yield runtime_pb2.Tensor(buffer=piece)
 
 
 def shared(serialized: runtime_pb2.Tensor) -> torch.Tensor:
@@ -45,7 +66,7 @@ class TensorReceiver:
 
     def __init__(self, first: runtime_pb2.Tensor):
         self.out, self.parts, self.filled = None, [first], 0
-        dtype = _RAW_DTYPES.get(first.dtype)
+        dtype = RAW_DTYPES.get(first.dtype)
         if first.compression == runtime_pb2.CompressionType.NONE and dtype is not None:
             shape = tuple(first.size)
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

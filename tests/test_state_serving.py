@@ -50,18 +50,29 @@ def test_a_donor_serves_its_live_outer_state_and_never_one_being_written():
 
 
 def test_a_stream_stops_when_the_state_changes_under_it():
-    version = [2]
-    tensors = [torch.zeros(3), torch.ones(3), torch.full((3,), 2.0)]
+    from hivemind.compression import deserialize_torch_tensor
+    from hivemind.utils.streaming import combine_from_streaming
 
-    def serialize(t):
-        if t[0] == 1.0:
-            version[0] += 1  # an outer step began while the second tensor was being read
-        return t.clone()
-    out = list(stream_consistent(tensors, [0, 1, 2], lambda: version[0], 2, serialize))
-    assert len(out) == 1 and torch.equal(out[0], tensors[0])  # what was read before the change, then nothing
-    assert list(stream_consistent(tensors, [2, 0], lambda: 2, 2, lambda t: t)) == [tensors[2], tensors[0]]
-    assert not list(stream_consistent(tensors, [0], lambda: 3, 3, lambda t: t))  # odd: being written
-    assert not list(stream_consistent(tensors, [5], lambda: 2, 2, lambda t: t))  # not a tensor of this state
+    from swarm_peer.state_transfer import raw_chunks
+
+    version = [2]
+    tensors = [torch.zeros(300), torch.ones(300), torch.full((300,), 2.0)]
+
+    def chunks(t):  # 400-byte chunks: three per tensor
+        for k, chunk in enumerate(raw_chunks(t, 400)):
+            if t[0] == 1.0 and k == 1:
+                version[0] += 1  # an outer step began while the second tensor was being read
+            yield chunk
+    out = list(stream_consistent(tensors, [0, 1, 2], lambda: version[0], 2, chunks))
+    # the first tensor whole; of the second only the chunks before its held-back last one: the downloader sees a
+    # short tensor and refuses it
+    assert len(out) == 3 + 2 and torch.equal(deserialize_torch_tensor(combine_from_streaming(out[:3])), tensors[0])
+    assert out[3].dtype and not out[4].dtype
+    whole = list(stream_consistent(tensors, [2, 0], lambda: 2, 2, raw_chunks))
+    assert [torch.equal(deserialize_torch_tensor(combine_from_streaming([c])), t)
+            for c, t in zip(whole, (tensors[2], tensors[0]))] == [True, True]  # one chunk each at the default size
+    assert not list(stream_consistent(tensors, [0], lambda: 3, 3, raw_chunks))  # odd: being written
+    assert not list(stream_consistent(tensors, [5], lambda: 2, 2, raw_chunks))  # not a tensor of this state
 
 
 def test_a_downloaded_tensor_is_received_straight_into_shared_memory_and_checked():
