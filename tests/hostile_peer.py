@@ -15,7 +15,7 @@ from swarm_peer.averaging import StageAverager
 from swarm_peer.compression import compression_strategy
 from swarm_peer.config import Config
 from swarm_peer.model import build_stage
-from swarm_peer.sync_rules import majority_hash, round_bits
+from swarm_peer.sync_rules import averaging_buffer_dtype, majority_hash, round_bits
 from swarm_peer.identity import Identity
 from swarm_peer.records import (MetricRecord, local_public_key, make_validators, metrics_key, read_stage_records,
                                 store_stage_record)
@@ -139,8 +139,10 @@ class Hostile:
         """Joins the stage's averaging rounds as a groupmate whose parts (as a sender) and averages (as a reducer) are
         all NaN, with a gather that looks like an honest member's (the next round, the majority hash); until `stop`.
         Counts its attempts in `sent["group_attempts"]`."""
-        buffers = [torch.full(p.shape, float("nan")) for p in build_stage(cfg, stage).parameters()]
         sw = cfg.swarm
+        # the stage's own buffer dtype: hivemind's matchmaking refuses a groupmate whose tensors' schema differs
+        dtype = averaging_buffer_dtype(sw.sync_mode, sw.compression.averaging)
+        buffers = [torch.full(p.shape, float("nan"), dtype=dtype) for p in build_stage(cfg, stage).parameters()]
         averager = StageAverager(buffers, self.dht, get_state=lambda: ({"round": -1}, []), prefix=f"{self.run_id}_avg{stage}",
                                  start=True, min_group_size=2, target_group_size=None, initial_group_bits=round_bits(0),
                                  min_matchmaking_time=sw.matchmaking_time, request_timeout=max(0.2, 0.5 * sw.matchmaking_time),
