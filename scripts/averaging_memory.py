@@ -5,7 +5,8 @@ buffers (default: GPT-2 small's stage 0, a 50257 x 768 embedding plus 6 blocks' 
 each averager process's USS (its private pages: the shared buffers themselves are not counted, so this is the
 memory a round *adds*) is sampled every 20 ms. Prints, per averager, its peak growth above its idle footprint in
 units of the buffers' size (0 would be "no copy at all"; hivemind's stock path holds the averaged parts and then
-concatenates them, ~2 copies), and writes the figures as JSON.
+concatenates them, ~2 copies), and writes the figures as JSON. Use a stage-sized --values: a round also allocates a
+fixed few tens of MB, which dominates the ratio for small buffers (2M values read ~3x).
 
     .venv/bin/python scripts/averaging_memory.py [--values 82000000] [--rounds 3] [--codec fp32] [--json out.json]
 
