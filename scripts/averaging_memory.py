@@ -95,12 +95,7 @@ def main() -> int:
         with averagers[0].get_tensors() as ts:
             ok = all(torch.allclose(t, torch.full_like(t, 0.5)) for t in ts)
     finally:
-        stop.set()
-        sampler.join()
-        for a in averagers:
-            a.shutdown()
-        for d in dhts:
-            d.shutdown()
+        _stop(stop, sampler, averagers, dhts)
     growth = [(p - i) / nbytes for p, i in zip(peaks, idle)]
     result = {"values": nbytes // 4, "buffer_bytes": nbytes, "codec": args.codec, "rounds_s": seconds,
               "averager_idle_uss_bytes": idle, "averager_peak_uss_bytes": peaks,
@@ -110,6 +105,15 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0 if ok else 1
+
+
+def _stop(stop, sampler, averagers, dhts) -> None:
+    stop.set()
+    sampler.join()
+    for a in averagers:
+        a.shutdown()
+    for d in dhts:
+        d.shutdown()
 
 
 def _download(args, averagers, dhts, pids, idle, peaks, stop, sampler, state) -> int:
@@ -122,12 +126,7 @@ def _download(args, averagers, dhts, pids, idle, peaks, stop, sampler, state) ->
         ok = got is not None and all(torch.equal(a, b) for a, b in zip(got[1], state))
         del got
     finally:
-        stop.set()
-        sampler.join()
-        for a in averagers:
-            a.shutdown()
-        for d in dhts:
-            d.shutdown()
+        _stop(stop, sampler, averagers, dhts)
     extra = (peaks[1] - idle[1] - state_bytes) / largest
     donor = (peaks[0] - idle[0]) / largest
     result = {"state_bytes": state_bytes, "largest_tensor_bytes": largest, "seconds": seconds,
