@@ -33,7 +33,7 @@ from hivemind.utils import MPFuture
 from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import split_for_streaming
 
-from swarm_peer.allreduce import FAILED_VALUES, ValueAllReduceRunner
+from swarm_peer.allreduce import FAILED_VALUES, PART_BYTES, ValueAllReduceRunner
 from swarm_peer.state_transfer import RAW_DTYPES, TensorReceiver, raw_chunks, serialize_state, stream_consistent
 from swarm_peer.swarm_key import SwarmKey, auth_error
 
@@ -59,6 +59,7 @@ class StageAverager(DecentralizedAverager):
         self.last_unserved: list[str] = []  # donors of the last download_state with no averager to answer
         self.last_declined: list[str] = []  # ... whose averager answered without the state
         self._banned: dict[str, float] = {}  # averager process: peer id -> until when no group includes it
+        kwargs.setdefault("part_size_bytes", PART_BYTES)
         super().__init__(averaged_tensors, dht, **kwargs)
 
     # ---------------------------------------------------------------------------------------- all-reduce

@@ -12,10 +12,12 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming
 
+from swarm_peer.allreduce import PART_BYTES
+
 MAX_STATE_TENSOR_BYTES = 1 << 33  # 8 GiB: a donor claiming a bigger tensor is refused before anything is allocated
 RAW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 _DTYPE_NAMES = {dtype: name for name, dtype in RAW_DTYPES.items()}
-CHUNK_BYTES = 1 << 19  # a streamed chunk of a state tensor (the all-reduce's part size)
+CHUNK_BYTES = PART_BYTES  # a streamed chunk of a state tensor (the all-reduce's part size)
 
 
 def stream_consistent(tensors: list, wanted: list[int], version: Callable[[], int], expected: int,

@@ -106,3 +106,14 @@ def test_the_hivemind_internals_we_override_are_the_pinned_ones():
         if hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:12] != digest:
             changed.append(name)
     assert not changed, f"hivemind changed under swarm_peer/allreduce.py and averaging.py: {changed}"
+
+
+def test_finite_check_catches_nan_and_both_infinities_in_every_float_dtype():
+    from swarm_peer.allreduce import _finite
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        part = torch.randn(1000).to(dtype)
+        assert _finite(part) and _finite(part[:0])
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            spoiled = part.clone()
+            spoiled[537] = bad
+            assert not _finite(spoiled), (dtype, bad)

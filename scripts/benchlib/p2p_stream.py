@@ -9,8 +9,10 @@ import multiprocessing as mp
 import statistics
 import time
 
+from swarm_peer.allreduce import PART_BYTES
+
 NAME = "bench_p2p_stream"
-PART = 1 << 19  # hivemind's DEFAULT_PART_SIZE_BYTES
+PART = PART_BYTES  # what the all-reduce and state downloads send per message
 
 
 async def _count(requests, context):
