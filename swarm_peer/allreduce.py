@@ -38,7 +38,7 @@ SENT, RECEIVED, FAILED_VALUES = 0, 1, 2  # indices of the traffic counters
 _REGISTERED = torch.empty(0)  # what the part container keeps of a part once it is written in place
 
 
-def _finite(part: torch.Tensor) -> bool:
+def finite(part: torch.Tensor) -> bool:
     """No NaN or inf in `part`: one pass, no temporary (10x faster than isfinite().all() on fp16 parts, which was a
     fifth of an isolated round's time); NaN propagates into aminmax, an inf is the min or the max."""
     if part.numel() == 0:
@@ -111,7 +111,7 @@ class ValueAllReduceRunner(AllReduceRunner):
         return message
 
     def _check_part(self, part: torch.Tensor, shape: torch.Size, who: str, peer: PeerID) -> None:
-        if part.shape != shape or not part.is_floating_point() or not _finite(part):
+        if part.shape != shape or not part.is_floating_point() or not finite(part):
             self._on_malformed(peer)
             raise AllreduceException(f"{who} sent a malformed part {tuple(part.shape)} {part.dtype} (expected {tuple(shape)})")
 

@@ -31,14 +31,15 @@ import time
 
 import torch
 
-from swarm_peer.allreduce import FAILED_VALUES, RECEIVED, SENT
+from swarm_peer.allreduce import FAILED_VALUES, RECEIVED, SENT, finite
 from swarm_peer.averaging import StageAverager, await_step
 from swarm_peer.compression import compression_strategy
 from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, squared_norm, tensors_hash
 from swarm_peer.records import StageRecord
-from swarm_peer.sync_rules import (Progress, StageView, averaging_buffer_dtype, choose_donors, group_clock, group_hash, max_round_weight,
+from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, choose_donors, group_clock,
+                                   group_hash, max_round_weight,
                                    remember_agreements, round_bits, round_due, state_problem, vouched,
                                    vouched_recently)
 
@@ -175,8 +176,8 @@ class StageSync:
                        phases: dict) -> tuple[dict | None, str]:
         """Attempts until one completes or the round's deadline, in the event loop: it awaits the averager's step
         control; blocking calls (records, the averager's lock, its pipe) go to executor threads. Returns (gathered,
-        outcome); `phases` gets the completed attempt's "allreduce_s" (from the all-reduce first seen running, to
-        within 0.5 s). Each attempt writes this peer's contribution afresh into the averager's buffers (`contribute`,
+        outcome); `phases` gets "prepare_s" (writing the contributions, all attempts), and the completed attempt's
+        "matchmaking_s" and "allreduce_s" (split where the all-reduce was first seen running, to within 0.5 s). Each attempt writes this peer's contribution afresh into the averager's buffers (`contribute`,
         on the compute thread): a failed attempt leaves them partly averaged, and no second full-size copy is kept to
         refill them from."""
         loop = asyncio.get_running_loop()
@@ -203,7 +204,9 @@ class StageSync:
                     self.compute.call(STEP, lambda: contribute(tensors))
                 self.averager.set_group_bits(round_bits(r))
                 self.averager.set_target_group_size(size)
+            t_prepare = time.monotonic()
             await loop.run_in_executor(None, prepare, 1 + len(joinable))
+            phases["prepare_s"] = phases.get("prepare_s", 0.0) + time.monotonic() - t_prepare
             attempts += 1
             budget = min(deadline - time.monotonic(), 3 * self.cfg.swarm.matchmaking_time + 1)
             if budget <= self.cfg.swarm.matchmaking_time:
@@ -217,10 +220,11 @@ class StageSync:
                     return "the stage moved on"
                 return None
 
-            seen: dict = {}
+            seen, t_step = {}, time.monotonic()
             gathered, error = await await_step(control, give_up, poll=0.5, deadline=deadline + 5, phases=seen)
             if gathered is not None:
-                phases["allreduce_s"] = time.monotonic() - seen.get("allreduce_at", time.monotonic())
+                began = seen.get("allreduce_at", time.monotonic())
+                phases["matchmaking_s"], phases["allreduce_s"] = began - t_step, time.monotonic() - began
                 return {str(k): v for k, v in gathered.items()}, f"averaged in {attempts} attempt(s)"
             last_error = error
             log.info(f"stage round {r}: attempt {attempts} failed: {error}")
@@ -269,7 +273,7 @@ class StageSync:
             nonlocal averaged
             if not averaged:
                 contribute(delta)
-            elif not all(torch.isfinite(d).all() for d in delta):  # e.g. every groupmate had weight 0
+            elif not all(finite(d) for d in delta):  # e.g. every groupmate had weight 0
                 log.warning(f"stage round {r}: the average is not finite; applying this peer's own update")
                 contribute(delta)
                 averaged = False
@@ -293,13 +297,15 @@ class StageSync:
             with self.averager.get_tensors() as tensors:
                 return self.compute.call(STEP, lambda: apply(tensors))
 
+        t_apply = time.monotonic()
         norm = await loop.run_in_executor(None, apply_locked)
+        phases["apply_s"] = time.monotonic() - t_apply
         after = list(self.averager.traffic)
         metrics = {"round": r, "group_size": len(gathered) if averaged else 1, "outcome": outcome, "clock": clock,
                    "ok": self.progress.round_ok, "samples": samples, "pseudo_grad_norm" if self.outer else "grad_norm": norm,
                    "bytes_sent": after[SENT] - before[SENT], "bytes_received": after[RECEIVED] - before[RECEIVED],
                    "unaveraged_values": after[FAILED_VALUES] - before[FAILED_VALUES],
-                   "seconds": time.monotonic() - t0, "allreduce_s": phases.get("allreduce_s")}
+                   "seconds": time.monotonic() - t0, **{k: phases.get(k) for k in ROUND_PHASES}}
         if self.outer:  # sync mode: the hash is taken after the AdamW step (end_sync_round)
             self._record(metrics)
             await publish()

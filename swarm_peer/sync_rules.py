@@ -130,10 +130,16 @@ def group_clock(gathered: dict, own: float, limit: float) -> float:
     return clocks[mid] if len(clocks) % 2 else (clocks[mid - 1] + clocks[mid]) / 2
 
 
+# where a round's seconds go (each None when the round never got there): writing the contributions into the
+# averager's buffers, finding the group, the all-reduce itself, the outer step (or gradients) on the compute thread
+ROUND_PHASES = ("prepare_s", "matchmaking_s", "allreduce_s", "apply_s")
+
+
 def format_round(m: dict) -> str:
     """One log line for a round's metrics."""
     norm = m.get("pseudo_grad_norm", m.get("grad_norm", 0.0))
-    allreduce = f" (all-reduce {m['allreduce_s']:.2f}s)" if m.get("allreduce_s") is not None else ""
+    spent = [f"{k[:-2].replace('allreduce', 'all-reduce')} {m[k]:.2f}s" for k in ROUND_PHASES if m.get(k) is not None]
+    allreduce = f" ({', '.join(spent)})" if spent else ""
     return (f"round {m['round']} -> {m['round'] + 1}: group {m['group_size']}, "
             f"{'ok' if m['ok'] else 'NOT agreed'} ({m['outcome']}), norm {norm:.4f}, "
             f"sent {m['bytes_sent'] / 2**20:.2f} MiB, received {m['bytes_received'] / 2**20:.2f} MiB, "

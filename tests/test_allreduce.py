@@ -109,11 +109,11 @@ def test_the_hivemind_internals_we_override_are_the_pinned_ones():
 
 
 def test_finite_check_catches_nan_and_both_infinities_in_every_float_dtype():
-    from swarm_peer.allreduce import _finite
+    from swarm_peer.allreduce import finite
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         part = torch.randn(1000).to(dtype)
-        assert _finite(part) and _finite(part[:0])
+        assert finite(part) and finite(part[:0])
         for bad in (float("nan"), float("inf"), float("-inf")):
             spoiled = part.clone()
             spoiled[537] = bad
-            assert not _finite(spoiled), (dtype, bad)
+            assert not finite(spoiled), (dtype, bad)

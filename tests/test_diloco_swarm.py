@@ -76,7 +76,8 @@ def test_diloco_two_by_two_rounds_agree_and_loss_falls(swarm_factory):
             _assert_failed_ends_recovered(p)
             for r in (_rounds(p)[k] for k in both if _rounds(p)[k]["ok"]):
                 assert r["group_size"] == 2 and r["bytes_sent"] > 0 and r["pseudo_grad_norm"] > 0, r
-                assert r["allreduce_s"] is not None and 0 <= r["allreduce_s"] <= r["seconds"], r
+                spent = [r[k] for k in ("prepare_s", "matchmaking_s", "allreduce_s", "apply_s")]  # where it went
+                assert None not in spent and min(spent) >= 0 and sum(spent) <= r["seconds"] + 0.01, r
             # the state a DiLoCo step needs, 24 B per parameter (gradients too, though freed after each step), plus
             # the averager's buffer: fp16 under the fp16 averaging codec, lossless (sync_rules.averaging_buffer_dtype)
             m, n = p["memory"], p["memory"]["params_bytes"]

@@ -96,6 +96,7 @@ def _figures(summaries: dict, bw: float, p2p: float, cfg) -> dict:
                 moved = nbytes / p2p  # what the transport needs for the round's bytes
                 allreduce = r.get("allreduce_s") or float("nan")
                 rounds.append({"peer": name, "round": r["round"], "seconds": r["seconds"], "allreduce_s": allreduce,
+                               **{k: r.get(k) for k in ("prepare_s", "matchmaking_s", "apply_s")},
                                "transport_s": moved, "raw_tcp_s": nbytes / bw, "ratio": r["seconds"] / moved,
                                "allreduce_ratio": allreduce / moved})
         times = [e["t"] for e in s["ledger"]]
