@@ -29,6 +29,8 @@ from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import aiter_with_timeout
 
+from swarm_peer.validation import all_finite
+
 log = logging.getLogger("swarm_peer")
 # one message of the all-reduce or of a state download (hivemind's default). Measured at GPT-2-small size
 # (scripts/averaging_memory.py): 1 MiB parts make an isolated round ~18 % faster but leave 0.4-0.5x the buffers more
@@ -36,15 +38,6 @@ log = logging.getLogger("swarm_peer")
 PART_BYTES = 1 << 19
 SENT, RECEIVED, FAILED_VALUES = 0, 1, 2  # indices of the traffic counters
 _REGISTERED = torch.empty(0)  # what the part container keeps of a part once it is written in place
-
-
-def finite(part: torch.Tensor) -> bool:
-    """No NaN or inf in `part`: one pass, no temporary (10x faster than isfinite().all() on fp16 parts, which was a
-    fifth of an isolated round's time); NaN propagates into aminmax, an inf is the min or the max."""
-    if part.numel() == 0:
-        return True
-    low, high = torch.aminmax(part)
-    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 class InPlaceParts(TensorPartContainer):
@@ -111,7 +104,7 @@ class ValueAllReduceRunner(AllReduceRunner):
         return message
 
     def _check_part(self, part: torch.Tensor, shape: torch.Size, who: str, peer: PeerID) -> None:
-        if part.shape != shape or not part.is_floating_point() or not finite(part):
+        if part.shape != shape or not part.is_floating_point() or not all_finite(part):
             self._on_malformed(peer)
             raise AllreduceException(f"{who} sent a malformed part {tuple(part.shape)} {part.dtype} (expected {tuple(shape)})")
 

@@ -12,7 +12,6 @@ Reading streams the hash check and loads from the file.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -120,39 +119,3 @@ def read_verified(path: Path) -> dict:
             return torch.load(io.BufferedReader(_Payload(f, head), CHUNK), map_location="cpu", weights_only=False)
         except Exception as e:
             raise CheckpointError(f"checkpoint {path} could not be read: {e}") from e
-
-
-def capture(worker) -> dict:
-    """The peer's state by reference: serialize it (write_payload) on the compute thread before the next step."""
-    t, sync = worker.trainer, worker.sync
-    return {
-        "stage": worker.stage, "fingerprint": worker.fingerprint, "mode": sync.mode,
-        "model": {k: v.detach().cpu() for k, v in t.model.state_dict().items()},
-        "inner_opt": t.opt.state_dict(), "clock": t.clock, "inner_step": t.inner_step,
-        "samples_stepped": t.samples_stepped, "outer": sync.outer.state_dict(copy=False) if sync.outer else None,
-        "progress": dataclasses.asdict(sync.progress),
-        "sampler": worker.sampler.state() if worker.sampler is not None else None,
-        "rng": torch.get_rng_state(),
-    }
-
-
-def restore(worker, state: dict) -> None:
-    """Load a captured state into a freshly built peer (before it serves)."""
-    from swarm_peer.sync_rules import Progress
-
-    if state.get("stage") != worker.stage or state.get("fingerprint") != worker.fingerprint:
-        raise CheckpointError(f"checkpoint is of stage {state.get('stage')} / config {state.get('fingerprint')}, "
-                              f"this peer is stage {worker.stage} / config {worker.fingerprint}")
-    if state.get("mode") != worker.sync.mode:
-        raise CheckpointError(f"checkpoint was taken in sync_mode {state.get('mode')}, this peer runs {worker.sync.mode}")
-    t = worker.trainer
-    t.model.load_state_dict(state["model"])
-    t.opt.load_state_dict(state["inner_opt"])
-    t.inner_step, t.samples_stepped = int(state["inner_step"]), int(state["samples_stepped"])
-    t.clock = float(state.get("clock", t.inner_step))  # checkpoints before the run clock: the peer's own steps
-    if worker.sync.outer is not None and state.get("outer") is not None:
-        worker.sync.outer.load_state_dict(state["outer"])
-    worker.sync.progress = Progress(**{**state["progress"], "syncing": False})
-    if worker.sampler is not None and state.get("sampler") is not None:
-        worker.sampler.load_state(state["sampler"])
-    torch.set_rng_state(state["rng"])

@@ -36,7 +36,7 @@ import torch
 from swarm_peer.config import Config
 from swarm_peer.model import StageModel, build_stage, stage_spec, weights_hash
 from swarm_peer.optim import build_inner_optimizer, clip_grad_norm, scheduled_lr
-from swarm_peer.transport import Busy
+from swarm_peer.validation import all_finite
 
 STEP, BACKWARD, FORWARD = 0, 1, 2
 LEDGER_STEPS = 256  # the summary lists which microbatches each of the last this-many inner steps summed
@@ -92,78 +92,6 @@ def _resolve(future: asyncio.Future, result, error) -> None:
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-class GradientWindow:
-    """Admission control for one inner step's worth of samples (see the module docstring)."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self.admitted = self.pending = 0
-        self.waiting = 0  # microbatches blocked in admit(): the peer's queue
-        self._open = asyncio.Event()
-        self._open.set()
-        self._drained = asyncio.Event()
-        self._reject = asyncio.Event()
-
-    async def admit(self, samples: int, rejectable: bool = False) -> None:
-        """Wait for the window to open; a `rejectable` caller (a remote request) gets a busy error instead when the
-        window closes for a same-stage sync, which can take seconds (its sender reroutes or retries)."""
-        self.waiting += 1
-        try:
-            while not self._open.is_set():
-                if rejectable and self._reject.is_set():
-                    raise Busy("synchronizing with stage peers")
-                waits = [asyncio.ensure_future(self._open.wait())]
-                if rejectable:
-                    waits.append(asyncio.ensure_future(self._reject.wait()))
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for w in waits:
-                        w.cancel()
-        finally:
-            self.waiting -= 1
-        self.admitted += samples
-        self.pending += 1
-        if self.admitted >= self.batch_size:
-            self._open.clear()
-
-    def finish(self) -> None:
-        self.pending -= 1
-        if self.pending == 0 and not self._open.is_set():
-            self._drained.set()
-
-    async def wait_full(self) -> None:
-        """Wait until the window is closed and drained (what was computed is counted by the trainer)."""
-        await self._drained.wait()
-
-    def close(self, reject_waiting: bool = True) -> None:
-        """Close now, whatever is admitted (a sync is due): wait_full() returns once in-flight work drains."""
-        self._open.clear()
-        if reject_waiting:
-            self._reject.set()
-        if self.pending == 0:
-            self._drained.set()
-
-    def close_partial(self) -> bool:
-        """At the end of a run: close a partly filled window so it gets stepped. False if there is nothing."""
-        if self.admitted == 0:
-            return False
-        self._open.clear()
-        if self.pending == 0:
-            self._drained.set()
-        return True
-
-    @property
-    def is_open(self) -> bool:
-        return self._open.is_set()
-
-    def reopen(self) -> None:
-        self.admitted = self.pending = 0
-        self._drained.clear()
-        self._reject.clear()
-        self._open.set()
 
 
 class Abandoned(Exception):
@@ -251,7 +179,7 @@ class StageTrainer:
         self._check(ticket)
         t0 = time.perf_counter()
         grad_out = grad_out.to(self.device, dtype=pending.outputs.dtype)
-        if not torch.isfinite(grad_out).all():
+        if not all_finite(grad_out):
             raise ValueError("non-finite gradient received; microbatch dropped")
         torch.autograd.backward(pending.outputs, grad_out)
         self._counted(ticket)
@@ -324,7 +252,7 @@ class StageTrainer:
                 if p.grad is not None:
                     p.grad.mul_(scale)
         for p in self.params:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
+            if p.grad is not None and not all_finite(p.grad):
                 self.opt.zero_grad(set_to_none=True)
                 raise ValueError("non-finite accumulated gradient; step skipped")
         clip_grad_norm(self.params, self.cfg.optim.inner.grad_clip)
@@ -384,3 +312,15 @@ class StageTrainer:
 
     def weights_hash(self) -> str:
         return weights_hash(self.model)
+
+    def state_dict(self) -> dict:
+        """Model, AdamW and counters, by reference (a checkpoint serializes it on the compute thread)."""
+        return {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "inner_opt": self.opt.state_dict(), "clock": self.clock, "inner_step": self.inner_step,
+                "samples_stepped": self.samples_stepped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["inner_opt"])
+        self.inner_step, self.samples_stepped = int(state["inner_step"]), int(state["samples_stepped"])
+        self.clock = float(state.get("clock", self.inner_step))  # checkpoints before the run clock: own steps

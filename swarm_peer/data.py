@@ -212,7 +212,7 @@ class Microbatch:
 class ShardSampler:
     """Microbatches from shard `shard` of `num_shards`: every epoch permutes all training sequences with a
     generator seeded by (seed, epoch) and takes every num_shards-th one from `shard` on, so shards never overlap
-    within an epoch and the order is reproducible anywhere. `state()`/`load_state()` give the exact position."""
+    within an epoch and the order is reproducible anywhere. `state_dict()`/`load_state_dict()` give the exact position."""
 
     def __init__(self, data: np.ndarray, microbatch_size: int, seed: int, shard: int = 0, num_shards: int = 1):
         if not 0 <= shard < num_shards:
@@ -240,10 +240,10 @@ class ShardSampler:
     def next(self) -> Microbatch:
         return Microbatch.from_rows(self.data[self.indices()])
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
-    def load_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._indices = self._epoch_indices()
 

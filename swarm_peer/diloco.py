@@ -18,6 +18,7 @@ import hashlib
 import torch
 
 from swarm_peer.config import OuterOptimConfig
+from swarm_peer.validation import all_finite
 
 
 FP16_MIN, FP16_MAX = torch.finfo(torch.float16).min, torch.finfo(torch.float16).max
@@ -56,7 +57,7 @@ class OuterOptimizer:
     def step(self, averaged_pseudo_gradient: list[torch.Tensor]) -> None:
         """Apply the outer step with the (sample-weighted, averaged) pseudo-gradient."""
         if len(averaged_pseudo_gradient) != len(self.global_params) or any(
-                d.shape != g.shape or not torch.isfinite(d).all()
+                d.shape != g.shape or not all_finite(d)
                 for d, g in zip(averaged_pseudo_gradient, self.global_params)):
             raise ValueError("pseudo-gradient has the wrong shape or non-finite values; outer step refused")
         for g, b, delta in zip(self.global_params, self.buffers, averaged_pseudo_gradient):
@@ -84,7 +85,7 @@ class OuterOptimizer:
         n = len(self.global_params)
         if len(tensors) != 2 * n or any(t.shape != g.shape for t, g in zip(tensors, [*self.global_params] * 2)):
             raise ValueError("downloaded outer state does not match this stage's parameters")
-        if not all(torch.isfinite(t).all() for t in tensors):
+        if not all(all_finite(t) for t in tensors):
             raise ValueError("downloaded outer state has non-finite values")
         for dst, src in zip((*self.global_params, *self.buffers), tensors):
             dst.copy_(src)

@@ -10,6 +10,7 @@ on the last stage (`scripts/bench.py` part g checks the estimate against a runni
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -140,3 +141,21 @@ class FootprintPeak:
         if total > self.total:
             self.total, self.by_process = total, now
         return total
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc malloc_trim; nothing elsewhere). A step's gradients and
+    temporaries are freed into malloc's arenas, which keep them: at GPT-2 small's size a stage's process held
+    0.25-0.4 GB more after each step than after a trim (measured with a StageTrainer of configs/gpt2-small-local.yaml: USS 2.30-2.45 GB after steps, 2.05 GB after a trim)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None

@@ -314,3 +314,11 @@ def mates_fingerprint(cfg: Config, stage: int) -> str:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def config_summary(cfg: Config, stage: int) -> str:
+    """What a stage record says of its model, to name a mismatch in a warning (max 200 characters)."""
+    spec = stage_spec(cfg, stage)
+    m = cfg.model
+    return (f"{m.name_or_path or m.family} h{m.hidden_size} L{m.num_layers} v{m.vocab_size} "
+            f"layers[{spec.start}:{spec.end}] of {cfg.swarm.num_stages} stages, seq {cfg.data.seq_len}")[:200]

@@ -182,16 +182,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def phase_shares(summary: dict) -> str:
+    """'training 81%, averaging 12%, draining 5%': where the peer's wall time went (phases of 1% and more)."""
+    seconds = summary.get("phase_seconds") or {}
+    total = sum(seconds.values()) or 1.0
+    shares = sorted(((s / total, p) for p, s in seconds.items() if s / total >= 0.01), reverse=True)
+    return ", ".join(f"{p} {share:.0%}" for share, p in shares) or "n/a"
+
+
 def resume(worker, directory: str) -> None:
     """Load this stage's checkpoint from `directory` if there is one; a corrupt one stops the peer (exit 2)."""
-    from swarm_peer.checkpoint import CheckpointError, checkpoint_path, read_verified, restore
+    from swarm_peer.checkpoint import CheckpointError, checkpoint_path, read_verified
 
     path = checkpoint_path(directory, worker.stage)
     if not path.exists():
         return
     try:
-        restore(worker, read_verified(path))
-    except CheckpointError as e:
+        state = read_verified(path)
+        worker.load_state_dict(state)
+    except (CheckpointError, ValueError) as e:
         raise _fail(str(e))
     p = worker.sync.progress
     worker.resumed_from = {"path": str(path), "inner_step": worker.trainer.inner_step, "round": p.round,
@@ -269,7 +278,8 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
             torch.save({k: v.cpu() for k, v in worker.trainer.model.state_dict().items()}, args.save_weights)
         print(f"[stage {args.stage}] done: {summary['inner_steps']} inner steps, {summary['samples']} samples, "
               f"{summary['tokens_per_s']:,.0f} tok/s, {len(summary['sync']['rounds'])} rounds "
-              f"({summary['sync']['mode']}), weights {summary['final_weights_hash']}", flush=True)
+              f"({summary['sync']['mode']}), weights {summary['final_weights_hash']}; time {phase_shares(summary)}",
+              flush=True)
         if worker.stats.get("upstream_lost"):
             print(f"error: stage {args.stage - 1} stayed out of sight for swarm.upstream_timeout "
                   f"({cfg.swarm.upstream_timeout:g} s): check this machine's network; the checkpoint (if any) and "

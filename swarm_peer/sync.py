@@ -25,28 +25,29 @@ donors at once. Joiners do the same before they serve; the first peer of an empt
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 
 import torch
 
-from swarm_peer.allreduce import FAILED_VALUES, RECEIVED, SENT, finite
+from swarm_peer.allreduce import FAILED_VALUES, RECEIVED, SENT
 from swarm_peer.averaging import StageAverager, await_step
 from swarm_peer.compression import compression_strategy
 from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, squared_norm, tensors_hash
+from swarm_peer.donor_trust import DonorTrust
 from swarm_peer.records import StageRecord
 from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, choose_donors, group_clock,
                                    group_hash, max_round_weight,
                                    remember_agreements, round_bits, round_due, state_problem, vouched,
                                    vouched_recently)
+from swarm_peer.validation import all_finite
 
 log = logging.getLogger("swarm_peer")
-UNBACKED_CLAIM_S = 120.0  # a stage peer that could not serve the state its record claims is ignored this long
 AGREEMENT_MEMORY_S = 30.0  # how long a round's majority hash, once seen in the records, vouches for a download
-DECLINES_TO_DISTRUST = 3  # ... or declined to serve it this many times in a row, over 2 announce periods at least
 
 
 # ------------------------------------------------------------------------------------------------ the peer side
@@ -71,8 +72,7 @@ class StageSync:
         self.recoveries: list[dict] = []
         self.averager = None
         self.clock_pending = False
-        self.distrusted: dict[str, float] = {}  # peer id -> until when its records are ignored (unbacked claims)
-        self.declines: dict[str, tuple[int, float]] = {}  # donor -> (refusals in a row, time of the first)
+        self.trust = DonorTrust(cfg.swarm.announce_period)  # whose state claims are believed (unbacked: not)
         if self.mode != "none":
             sw = cfg.swarm
             dtype = averaging_buffer_dtype(self.mode, sw.compression.averaging)
@@ -139,7 +139,7 @@ class StageSync:
         return self.view.others
 
     def trusts(self, peer_id: str) -> bool:
-        return self.distrusted.get(peer_id, 0.0) <= time.monotonic()
+        return self.trust.trusts(peer_id)
 
     # ---- bookkeeping from the worker
     def catch_up_clock(self) -> None:
@@ -273,7 +273,7 @@ class StageSync:
             nonlocal averaged
             if not averaged:
                 contribute(delta)
-            elif not all(finite(d) for d in delta):  # e.g. every groupmate had weight 0
+            elif not all(all_finite(d) for d in delta):  # e.g. every groupmate had weight 0
                 log.warning(f"stage round {r}: the average is not finite; applying this peer's own update")
                 contribute(delta)
                 averaged = False
@@ -353,26 +353,6 @@ class StageSync:
         log.warning("could not download the stage state; starting from the seeded init")
         self.progress.round_ok = True
 
-    def _distrust(self, donor: str, why: str) -> None:
-        if self.trusts(donor):
-            log.warning(f"stage peer {donor[-8:]} claims a state but {why}; ignoring its records for "
-                        f"{UNBACKED_CLAIM_S:g}s")
-        self.distrusted[donor] = time.monotonic() + UNBACKED_CLAIM_S
-
-    def _count_declines(self, donors: list[str]) -> None:
-        """An honest donor ahead of us declines only while its record lags a failed round (an announce period); one
-        whose record goes on claiming an agreed later state it keeps declining to serve is not believed."""
-        now, declined = time.monotonic(), set(self.averager.last_declined)
-        for donor in donors:
-            if donor not in declined:
-                self.declines.pop(donor, None)
-                continue
-            count, since = self.declines.get(donor, (0, now))
-            self.declines[donor] = (count + 1, since)
-            if count + 1 >= DECLINES_TO_DISTRUST and now - since >= 2 * self.cfg.swarm.announce_period:
-                self._distrust(donor, f"declined to serve it {count + 1} times in a row")
-                del self.declines[donor]
-
     async def recover(self, donors: list[str], reason: str, refresh=None) -> bool:
         """Download the stage state from `donors` and apply it if it is sound and what the stage's records agree on
         (`refresh`: blocking re-read of the records, for when they lag the state)."""
@@ -382,10 +362,11 @@ class StageSync:
         result = await loop.run_in_executor(None, self.averager.download_state, donors, self._num_state_tensors(),
                                             timeout)
         for donor in self.averager.last_unserved:  # its record claims a state, no averager of its answers: a record
-            self._distrust(donor, "runs no averager")  # with nothing behind it is not believed for a while
+            self.trust.distrust(donor, "runs no averager")  # with nothing behind it is not believed for a while
         # a round ahead of ours that its peer will not serve is a claim nobody backs; a mate at our round that
         # declines is merely not sharing
-        self._count_declines([o.peer_id for o in self.others if o.peer_id in donors and o.round > self.progress.round])
+        self.trust.count_declines([o.peer_id for o in self.others if o.peer_id in donors and o.round > self.progress.round],
+                                  self.averager.last_declined)
         if result is None:
             log.warning(f"could not download the stage state from {len(donors)} donor(s); will retry")
             return False
@@ -413,6 +394,17 @@ class StageSync:
         log.warning(f"stage state recovered ({reason}): round {meta['round']}, run step {clock:g}, weights {meta['hash']}, "
                     f"{nbytes / 2**20:.1f} MiB from {len(donors)} donor(s) in {event['seconds']:.1f}s")
         return True
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "outer": self.outer.state_dict(copy=False) if self.outer else None,
+                "progress": dataclasses.asdict(self.progress)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != self.mode:
+            raise ValueError(f"checkpoint was taken in sync_mode {state.get('mode')}, this peer runs {self.mode}")
+        if self.outer is not None and state.get("outer") is not None:
+            self.outer.load_state_dict(state["outer"])
+        self.progress = Progress(**{**state["progress"], "syncing": False})
 
     def summary(self) -> dict:
         if self.mode == "none":  # no rounds: the replica's own current weights

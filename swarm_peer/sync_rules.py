@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm_peer.records import StageRecord
-from swarm_peer.validation import valid_clock
+from swarm_peer.validation import all_finite, valid_clock
 
 
 @dataclass
@@ -169,7 +169,7 @@ def state_problem(meta, tensors: list, shapes: list, mode: str) -> str | None:
             not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != tuple(s)
             for t, s in zip(tensors, want)):
         return "tensors of the wrong number, type or shape"
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+    if not all(all_finite(t) for t in tensors):
         return "non-finite values"
     n = len(shapes)
     if tensors_hash(list(tensors[:n])) != meta.get("hash"):

@@ -65,13 +65,28 @@ def validate_hidden_request(meta, tensors, shape: RequestShape) -> tuple[int, to
     return hidden.shape[0], hidden, labels.long()
 
 
+def value_range(t: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a float tensor in one pass with no temporary (NaN propagates into both, an inf is one of them);
+    torch.isfinite(t).all() allocates a bool copy and is ~5-10x slower (a fifth of an all-reduce at GPT-2 size)."""
+    if t.numel() == 0:
+        return 0.0, 0.0
+    low, high = torch.aminmax(t)
+    return float(low), float(high)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    low, high = value_range(t)
+    return math.isfinite(low) and math.isfinite(high)
+
+
 def checked_values(t: torch.Tensor, what: str) -> torch.Tensor:
     """`t` as fp32 (the compute dtype), finite and within ±MAX_MAGNITUDE there: checked after the conversion, since
     float64 1e300 becomes inf and float32 3e38 makes the next LayerNorm return NaN."""
     t = t.float()
-    if not torch.isfinite(t).all():
+    low, high = value_range(t)
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"non-finite {what} (in fp32)")
-    if t.numel() and float(t.abs().max()) > MAX_MAGNITUDE:
+    if max(-low, high) > MAX_MAGNITUDE:
         raise ValueError(f"{what} beyond ±{MAX_MAGNITUDE:g}")
     return t
 

@@ -109,7 +109,7 @@ def test_the_hivemind_internals_we_override_are_the_pinned_ones():
 
 
 def test_finite_check_catches_nan_and_both_infinities_in_every_float_dtype():
-    from swarm_peer.allreduce import finite
+    from swarm_peer.validation import all_finite as finite
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         part = torch.randn(1000).to(dtype)
         assert finite(part) and finite(part[:0])

@@ -37,13 +37,9 @@ def test_a_checkpoint_holds_the_state_of_the_moment_it_was_taken(tmp_path):
     """The state is written where it was captured (on the compute thread, between steps): steps that follow cannot
     leak into it (before, the inner AdamW state was captured by reference and written by another thread while
     training went on: a checkpoint could pair step k's weights with step k+1's moments)."""
-    from types import SimpleNamespace
-
-    from swarm_peer.checkpoint import capture, commit, write_payload
+    from swarm_peer.checkpoint import commit, write_payload
     from swarm_peer.compute import StageTrainer
     from swarm_peer.config import load_config
-    from swarm_peer.model import stage_fingerprint
-    from swarm_peer.sync_rules import Progress
     from tests.swarm_harness import FAST
 
     cfg = load_config(None, [*FAST, "swarm.num_stages=2"])
@@ -52,12 +48,10 @@ def test_a_checkpoint_holds_the_state_of_the_moment_it_was_taken(tmp_path):
     for p in t.params:
         p.grad = torch.ones_like(p)
     t.opt.step()
-    worker = SimpleNamespace(trainer=t, stage=0, fingerprint=stage_fingerprint(cfg, 0), sampler=None,
-                             sync=SimpleNamespace(mode="none", outer=None, progress=Progress(global_hash="0" * 16)))
     in_order = [p for group in t.opt.param_groups for p in group["params"]]  # the state_dict's numbering
     before = [t.opt.state[p]["exp_avg"].clone() for p in in_order]
     path = tmp_path / "stage0.ckpt"
-    tmp, nbytes = write_payload(path, capture(worker))
+    tmp, nbytes = write_payload(path, t.state_dict())  # the trainer's part of a peer's state_dict, by reference
     t.opt.step()  # training goes on while the file is fsynced and renamed elsewhere
     commit(tmp, path)
     got = read_verified(path)

@@ -73,10 +73,10 @@ def test_sampler_state_round_trips_across_epochs(cache_dir):
     s = ShardSampler(c.train[:40], 4, seed=1)
     for _ in range(13):  # crosses an epoch boundary (10 microbatches per epoch)
         s.next()
-    state = s.state()
+    state = s.state_dict()
     expected = [s.next().input_ids for _ in range(5)]
     t = ShardSampler(c.train[:40], 4, seed=1)
-    t.load_state(state)
+    t.load_state_dict(state)
     for e in expected:
         assert np.array_equal(t.next().input_ids.numpy(), e.numpy())
 

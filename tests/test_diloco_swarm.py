@@ -78,6 +78,9 @@ def test_diloco_two_by_two_rounds_agree_and_loss_falls(swarm_factory):
                 assert r["group_size"] == 2 and r["bytes_sent"] > 0 and r["pseudo_grad_norm"] > 0, r
                 spent = [r[k] for k in ("prepare_s", "matchmaking_s", "allreduce_s", "apply_s")]  # where it went
                 assert None not in spent and min(spent) >= 0 and sum(spent) <= r["seconds"] + 0.01, r
+            phases = p["phase_seconds"]  # the stepper's clock covers the whole run, each second once
+            assert abs(sum(phases.values()) - p["wall_time_s"]) <= 0.05 * p["wall_time_s"] + 1, (phases, p["wall_time_s"])
+            assert phases["averaging"] > 0 and phases["training"] > 0 and phases["stepping"] > 0, phases
             # the state a DiLoCo step needs, 24 B per parameter (gradients too, though freed after each step), plus
             # the averager's buffer: fp16 under the fp16 averaging codec, lossless (sync_rules.averaging_buffer_dtype)
             m, n = p["memory"], p["memory"]["params_bytes"]

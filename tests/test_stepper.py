@@ -1,0 +1,76 @@
+"""stepper.next_action, the stepper's decision after each inner step, and its phase clock (pure logic; the stepper
+itself runs in every multi-process test)."""
+import itertools
+
+import pytest
+
+from swarm_peer.stepper import Action, AfterStep, Phase, Stepper, next_action
+
+
+def _facts(**kw) -> AfterStep:
+    base = dict(mode="diloco", round_due=False, round_asked=False, stopping=False, behind=False, disagrees=False,
+                checkpoint_due=False)
+    return AfterStep(**{**base, **kw})
+
+
+def _plan(**kw) -> list[Action]:
+    """The actions one step takes, the facts held fixed except what the actions themselves settle."""
+    done, plan = set(), []
+    while (action := next_action(_facts(**kw, done=frozenset(done)))) is not Action.REOPEN:
+        assert action not in done and len(plan) < 4, plan
+        done.add(action)
+        plan.append(action)
+    return plan
+
+
+def test_nothing_due_reopens_at_once():
+    assert _plan() == []
+    assert _plan(mode="sync", round_due=True) == [] and _plan(mode="none", round_asked=True) == []
+
+
+def test_diloco_round_then_recovery_then_checkpoint_each_once():
+    assert _plan(round_due=True) == [Action.OUTER_ROUND]
+    assert _plan(round_asked=True) == [Action.OUTER_ROUND]  # the end of training asks for the last merge
+    assert _plan(round_due=True, behind=True, checkpoint_due=True) == [
+        Action.OUTER_ROUND, Action.RECOVER, Action.CHECKPOINT]
+    assert _plan(disagrees=True) == [Action.RECOVER]
+    assert _plan(mode="sync", behind=True) == [Action.RECOVER]  # sync mode's round failed before the step
+
+
+def test_a_stopping_peer_starts_no_round_but_still_recovers_and_checkpoints():
+    assert _plan(round_due=True, stopping=True, disagrees=True, checkpoint_due=True) == [
+        Action.RECOVER, Action.CHECKPOINT]
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=6)))
+def test_every_combination_ends_in_reopen_in_order(flags):
+    round_due, round_asked, stopping, behind, disagrees, checkpoint_due = flags
+    for mode in ("diloco", "sync", "none"):
+        plan = _plan(mode=mode, round_due=round_due, round_asked=round_asked, stopping=stopping, behind=behind,
+                     disagrees=disagrees, checkpoint_due=checkpoint_due)
+        order = [Action.OUTER_ROUND, Action.RECOVER, Action.CHECKPOINT]
+        assert plan == sorted(plan, key=order.index)
+        assert (Action.OUTER_ROUND in plan) == (mode == "diloco" and not stopping and (round_due or round_asked))
+        assert (Action.RECOVER in plan) == (behind or disagrees)
+        assert (Action.CHECKPOINT in plan) == checkpoint_due
+
+
+def test_phase_clock_accounts_every_second_once(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("swarm_peer.stepper.time.monotonic", lambda: now[0])
+    stepper = Stepper.__new__(Stepper)  # only the phase clock: no model, no swarm
+    stepper.phase_seconds = {p.value: 0.0 for p in Phase}
+    stepper.begin()
+    now[0] = 110.0
+    stepper.enter(Phase.DRAINING, at=107.0)  # the window closed at 107, seen drained at 110
+    stepper.enter(Phase.STEPPING)
+    now[0] = 111.0
+    stepper.enter(Phase.AVERAGING)
+    now[0] = 115.0
+    stepper.enter(Phase.TRAINING)
+    now[0] = 116.0
+    stepper.enter(Phase.DRAINING, at=90.0)  # closed before TRAINING began (the window was closed again at once)
+    now[0] = 117.0
+    report = stepper.phase_report()
+    assert report["training"] == 7.0 and report["draining"] == 3.0 + 2.0 and report["stepping"] == 1.0
+    assert report["averaging"] == 4.0 and sum(report.values()) == 17.0
