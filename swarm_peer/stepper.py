@@ -30,8 +30,8 @@ RECOVERY_TRIES = 5  # state downloads before a peer goes on with its own state (
 
 class Phase(str, Enum):
     """Where a peer's stepper is; the summary says how long it spent in each (`phase_seconds`)."""
-    TRAINING = "training"  # the window is open: microbatches are admitted
-    DRAINING = "draining"  # closed (full, or a round is due): the admitted microbatches finish their backward
+    TRAINING = "training"  # microbatches are admitted, or (the window full) finish their backward
+    DRAINING = "draining"  # closed early (a round is due): the admitted microbatches finish, nothing new is admitted
     STEPPING = "stepping"  # sealing the window and the inner step, on the compute thread
     AVERAGING = "averaging"  # a same-stage round: sync mode's gradients before the step, DiLoCo's outer round after
     RECOVERING = "recovering"  # downloading the stage's state (behind the stage, or our weights disagree)
@@ -124,8 +124,8 @@ class Stepper:
     async def run(self) -> None:
         while True:
             await self.window.wait_full()
-            if self.phase in (Phase.TRAINING, Phase.IDLE):
-                self.enter(Phase.DRAINING, at=self.window.closed_at)
+            if self.phase in (Phase.TRAINING, Phase.IDLE) and self.window.closed_early_at is not None:
+                self.enter(Phase.DRAINING, at=self.window.closed_early_at)  # a full window's drain is training
             self.enter(Phase.STEPPING)
             completed = await self.compute.run(STEP, self.trainer.seal)  # exactly the samples in p.grad
             if self.sync.clock_pending:  # joined (or recovered) meanwhile: step at the stage's run clock of now

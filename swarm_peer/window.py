@@ -20,7 +20,7 @@ class GradientWindow:
         self.batch_size = batch_size
         self.admitted = self.pending = 0
         self.waiting = 0  # microbatches blocked in admit(): the peer's queue
-        self.closed_at: float | None = None  # monotonic time the window last closed (None while open)
+        self.closed_early_at: float | None = None  # when close() shut it before it was full (a round is due)
         self._open = asyncio.Event()
         self._open.set()
         self._drained = asyncio.Event()
@@ -47,7 +47,7 @@ class GradientWindow:
         self.admitted += samples
         self.pending += 1
         if self.admitted >= self.batch_size:
-            self._clear()
+            self._open.clear()
 
     def finish(self) -> None:
         self.pending -= 1
@@ -60,7 +60,9 @@ class GradientWindow:
 
     def close(self, reject_waiting: bool = True) -> None:
         """Close now, whatever is admitted (a sync is due): wait_full() returns once in-flight work drains."""
-        self._clear()
+        if self._open.is_set():
+            self.closed_early_at = time.monotonic()
+        self._open.clear()
         if reject_waiting:
             self._reject.set()
         if self.pending == 0:
@@ -70,7 +72,7 @@ class GradientWindow:
         """At the end of a run: close a partly filled window so it gets stepped. False if there is nothing."""
         if self.admitted == 0:
             return False
-        self._clear()
+        self._open.clear()
         if self.pending == 0:
             self._drained.set()
         return True
@@ -79,14 +81,9 @@ class GradientWindow:
     def is_open(self) -> bool:
         return self._open.is_set()
 
-    def _clear(self) -> None:
-        if self._open.is_set():
-            self.closed_at = time.monotonic()
-        self._open.clear()
-
     def reopen(self) -> None:
         self.admitted = self.pending = 0
-        self.closed_at = None
+        self.closed_early_at = None
         self._drained.clear()
         self._reject.clear()
         self._open.set()
