@@ -31,10 +31,16 @@ class Driver:
         self.cfg, self.spec, self.peer_id, self.trainer, self.compute = cfg, spec, peer_id, trainer, compute
         self.window, self.forwarder, self.sampler, self.val_batches = window, forwarder, sampler, val_batches
         self.telemetry, self.stats, self._on_trained, self._stopping = telemetry, stats, on_trained, stopping
+        # microbatches in flight; an evaluation holds every slot, so it measures the model of one step
+        self._slots = asyncio.Semaphore(cfg.swarm.max_inflight)
+        self._first_look = asyncio.Event()  # the eval loop has decided about step 0 (training waits for that)
+        if not val_batches:
+            self._first_look.set()
 
     async def drive(self, max_steps: int) -> None:
         """Feed microbatches until the run clock reaches `max_steps` (a joiner ends with its stage)."""
-        sem = asyncio.Semaphore(self.cfg.swarm.max_inflight)
+        sem = self._slots
+        await self._first_look.wait()  # a fresh run's step-0 evaluation sees the untrained model
         index, tasks = 0, set()
         while self.trainer.clock < max_steps and not self._stopping():
             silent = time.monotonic() - self.forwarder.seen_at if self.forwarder else 0.0
@@ -87,35 +93,57 @@ class Driver:
             sem.release()
 
     async def evaluate(self) -> float | None:
-        """Send the held-out microbatches through the pipeline without gradients; mean validation loss."""
-        losses = []
-        for i, mb in enumerate(self.val_batches):
+        """Mean validation loss of the held-out microbatches, sent through the pipeline without gradients. Training is
+        paused meanwhile (the evaluation holds every in-flight slot), so this stage's weights do not move under it; its
+        microbatches go max_inflight at a time. In CI a step-0 evaluation interleaved with training measured 4.65
+        where the untrained model scores 5.56."""
+        for _ in range(self.cfg.swarm.max_inflight):
+            await self._slots.acquire()
+        try:
+            self._first_look.set()
             if self.spec.is_last:  # a single stage evaluates on its own
-                losses.append(await self.compute.run(FORWARD, lambda: self.trainer.evaluate_last(mb.input_ids, mb.labels)))
-                continue
+                losses = [await self.compute.run(FORWARD, lambda: self.trainer.evaluate_last(mb.input_ids, mb.labels))
+                          for mb in self.val_batches]
+            else:
+                width = asyncio.Semaphore(self.cfg.swarm.max_inflight)
+                losses = await asyncio.gather(*(self._evaluate_one(i, mb, width)
+                                                for i, mb in enumerate(self.val_batches)), return_exceptions=True)
+                failed = [e for e in losses if isinstance(e, BaseException)]
+                if failed:
+                    raise failed[0]
+        except Exception as e:
+            log.warning(f"stage 0: evaluation incomplete: {e}")
+            return None
+        finally:
+            for _ in range(self.cfg.swarm.max_inflight):
+                self._slots.release()
+        losses = [loss for loss in losses if isinstance(loss, float) and math.isfinite(loss)]
+        return sum(losses) / len(losses) if losses else None
+
+    async def _evaluate_one(self, i: int, mb: Microbatch, width: asyncio.Semaphore) -> float | None:
+        async with width:
             out = await self.compute.run(FORWARD, lambda: self.trainer.forward_no_grad(mb.input_ids))
             meta = {"mb": f"{self.peer_id[-12:]}:eval{i}", "n": mb.input_ids.shape[0], "eval": True}
-            try:
-                reply, _ = await self.forwarder.send(meta, out, mb.labels)
-            except Exception as e:
-                log.warning(f"stage 0: evaluation incomplete: {e}")
-                return None
-            if isinstance(reply.get("loss"), float) and math.isfinite(reply["loss"]):
-                losses.append(reply["loss"])
-        return sum(losses) / len(losses) if losses else None
+            reply, _ = await self.forwarder.send(meta, out, mb.labels)
+            return reply.get("loss")
 
     async def eval_loop(self, max_steps: int, online: Callable[[], bool]) -> None:
         """Evaluate every `run.eval_interval` run steps and at the last one."""
         done = None
-        while self.val_batches and online() and not self._stopping():
-            clock = min(int(self.trainer.clock), max_steps)  # the run's step (a joiner starts at its stage's, not 0)
-            step = due_eval_step(clock, done, self.cfg.run.eval_interval, max_steps)
-            done = clock
-            if step is not None:
-                loss = await self.evaluate()
-                if loss is not None:
-                    self.telemetry.on_eval(step, loss)
-                    print(f"[stage 0] step {step} | val loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}", flush=True)
-                if step >= max_steps:
-                    return
-            await asyncio.sleep(0.2)
+        try:
+            while self.val_batches and online() and not self._stopping():
+                clock = min(int(self.trainer.clock), max_steps)  # the run's step (a joiner starts at its stage's, not 0)
+                step = due_eval_step(clock, done, self.cfg.run.eval_interval, max_steps)
+                done = clock
+                if step is not None:
+                    loss = await self.evaluate()
+                    if loss is not None:
+                        self.telemetry.on_eval(step, loss)
+                        print(f"[stage 0] step {step} | val loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}",
+                              flush=True)
+                    if step >= max_steps:
+                        return
+                self._first_look.set()
+                await asyncio.sleep(0.2)
+        finally:
+            self._first_look.set()

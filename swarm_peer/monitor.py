@@ -11,7 +11,8 @@ Per metrics window w (aligned on DHT time, see telemetry.py), once every peer ha
                     idle and non-training peers (monitors, tools) do not count
     tokens/s      = Σ tokens/s of stage-0 peers in window w;  samples = Σ stage-0 samples since start
     round[i]      = newest round among stage i's peers; hash agreement[i] = share of them holding the majority
-                    weights hash of that round;  eval loss = median of stage-0 peers' validation losses first published in window w
+                    weights hash of that round
+    eval loss     = median of stage-0 peers' losses for one evaluation step, each step logged once (due_evaluation)
 """
 from __future__ import annotations
 
@@ -26,14 +27,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm_peer.config import add_config_args, config_from_args
-from swarm_peer.records import MetricRecord
+from swarm_peer.records import EVAL_HISTORY, MetricRecord
 
 
 @dataclass
 class Seen:
     """What the monitor carries from window to window."""
-    evals: dict[str, int] = field(default_factory=dict)  # peer id -> newest eval step already logged (once each)
     confirmed: set[str] = field(default_factory=set)  # identities another peer has confirmed work with
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # eval step not yet logged -> peer id -> loss
+    eval_first: dict[int, int] = field(default_factory=dict)  # eval step not yet logged -> window first seen
+    eval_logged: int = -1  # newest eval step logged: evaluations are logged in step order, each once
+
+
+def due_evaluation(first: list[MetricRecord], window: int, seen: Seen) -> tuple[int, float] | None:
+    """(step, median loss) of the oldest evaluation ready to log, or None. An evaluation is ready once every stage-0
+    peer of this window reports it, or one window after it was first seen (stage mates evaluate the same step within
+    moments of each other; one that never does must not hold the row back). A record carries its peer's last few
+    evaluations, so one the monitor started too late for, or missed a window of, is still logged, once."""
+    for r in first:
+        for step, loss in r.evals:
+            if step > seen.eval_logged and (step in seen.evals or len(seen.evals) < 2 * EVAL_HISTORY):
+                seen.evals.setdefault(step, {})[r.peer_id] = loss
+                seen.eval_first.setdefault(step, window)
+    if not seen.evals:
+        return None
+    step = min(seen.evals)  # in step order: a later evaluation waits for the earlier one
+    if not ({r.peer_id for r in first} <= seen.evals[step].keys() or window > seen.eval_first[step]):
+        return None
+    losses = seen.evals.pop(step).values()
+    del seen.eval_first[step]
+    seen.eval_logged = step
+    return step, statistics.median(losses)  # one made-up figure cannot drag it beyond the honest ones
 
 
 def confirmed_work(fresh: list[MetricRecord]) -> dict[tuple[str, str], int]:
@@ -104,13 +128,9 @@ def aggregate(records: list[tuple[MetricRecord, float]], window: int, num_stages
     row["tokens_per_s"] = sum(r.tokens_per_s for r in first)
     row["samples"] = sum(r.samples for r in first)
     row["bytes_sent"] = sum(r.bytes_sent for r in fresh)
-    new = [r for r in first if r.eval_loss is not None and r.eval_step > seen.evals.get(r.peer_id, -1)]
-    for r in new:
-        seen.evals[r.peer_id] = r.eval_step
-    evals = [r.eval_loss for r in new]
-    if evals:
-        row["eval_step"] = max(r.eval_step for r in new)
-        row["eval_loss"] = statistics.median(evals)  # one made-up figure cannot drag it beyond the honest ones
+    evaluation = due_evaluation(first, window, seen)
+    if evaluation is not None:
+        row["eval_step"], row["eval_loss"] = evaluation
         row["eval_perplexity"] = math.exp(min(row["eval_loss"], 50.0))
     return row
 
@@ -187,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             if logged is None or window > logged:
                 rows = read_all(dht, args.run_id, num_stages)
                 row = aggregate(rows, window, num_stages, now, seen)
-                if row["alive"] or "loss" in row:
+                if row["alive"] or "loss" in row or "eval_loss" in row:
                     first_window = window if first_window is None else first_window
                     _log(run, row, window - first_window, num_stages, args.history_json)
                 logged = window
@@ -196,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                              for s in range(num_stages) for p in read_stage_records(dht, args.run_id, s))
                 active_seen |= active
                 empty_since = None if active else (empty_since or time.monotonic())
-                if active_seen and empty_since and time.monotonic() - empty_since > 2 * period:
+                if active_seen and empty_since and time.monotonic() - empty_since > 2 * period and not seen.evals:
+                    # (an evaluation still pending is logged within a window: due_evaluation)
                     print("[monitor] every peer has finished", flush=True)
                     break
     finally:

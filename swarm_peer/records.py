@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pydantic.v1 as pydantic
 from hivemind.dht.crypto import RSASignatureValidator
@@ -29,6 +29,7 @@ from swarm_peer.identity import speaks_for
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 MAX_DELIVERED_PEERS = 256
+EVAL_HISTORY = 8  # evaluations a metric record carries (a monitor catches up on up to this many)
 STATES = ("online", "idle", "finished", "offline")  # idle: done training, still syncing with its stage
 
 
@@ -76,8 +77,9 @@ class MetricRecord(pydantic.BaseModel):
     tokens: pydantic.conint(strict=True, ge=0)  # since start
     loss_sum: pydantic.confloat(strict=True, ge=0.0, le=1e12)  # training losses of microbatches done in the window
     loss_count: pydantic.conint(strict=True, ge=0)
-    eval_loss: Optional[pydantic.confloat(strict=True, ge=0.0, le=1e6)]  # latest validation loss (stage 0)
-    eval_step: pydantic.conint(strict=True, ge=0)
+    # stage 0's latest validation losses, (run step, loss) oldest first: a history, so a monitor that starts late or
+    # misses a window still logs every evaluation once
+    evals: List[Tuple[pydantic.conint(strict=True, ge=0), pydantic.confloat(strict=True, ge=0.0, le=1e6)]] = []
     tokens_per_s: pydantic.confloat(strict=True, ge=0.0, le=1e12)  # in the window
     queue: pydantic.conint(strict=True, ge=0, le=1_000_000)
     inflight: pydantic.conint(strict=True, ge=0, le=1_000_000)
@@ -97,6 +99,12 @@ class MetricRecord(pydantic.BaseModel):
     def _few_peers(cls, v):
         if len(v) > MAX_DELIVERED_PEERS:
             raise ValueError(f"more than {MAX_DELIVERED_PEERS} next-stage peers")
+        return v
+
+    @pydantic.validator("evals")
+    def _few_evals(cls, v):
+        if len(v) > EVAL_HISTORY:
+            raise ValueError(f"more than {EVAL_HISTORY} evaluations")
         return v
 
     class Config:

@@ -296,7 +296,8 @@ class StageWorker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             try:
-                await asyncio.wait_for(self._in_thread(self.announcer.publish, self.record()), 10)
+                await asyncio.wait_for(asyncio.gather(self._in_thread(self.announcer.publish, self.record()),
+                                                      self.telemetry.publish_last()), 10)
             except Exception as e:
                 log.warning(f"could not publish final record: {e}")
 

@@ -15,7 +15,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from swarm_peer.memory import FootprintPeak
-from swarm_peer.records import MAX_DELIVERED_PEERS, MetricRecord, store_metric_record
+from swarm_peer.records import EVAL_HISTORY, MAX_DELIVERED_PEERS, MetricRecord, store_metric_record
 
 log = logging.getLogger("swarm_peer")
 
@@ -27,7 +27,7 @@ class PeerTelemetry:
         self.eval_loss: float | None = None
         self.eval_step = 0
         self.eval_curve: list[list[float]] = []
-        self._window_tokens = 0
+        self._last_tokens = 0  # tokens stepped when the current window began
         self.delivered: dict[str, int] = {}  # next-stage peer id -> training microbatches it took in this window
         self.received: dict[str, int] = {}  # previous-stage peer id -> training microbatches served for it
         self.footprint = FootprintPeak()
@@ -57,8 +57,9 @@ class PeerTelemetry:
             peer_id=w.peer_id, stage=w.stage, state=w.state, window=window, period=float(self.period),
             round=sync.progress.round, inner_step=w.trainer.inner_step, samples=w.trainer.samples_stepped,
             tokens=w.trainer.samples_stepped * w.cfg.data.seq_len, loss_sum=float(self.loss_sum),
-            loss_count=self.loss_count, eval_loss=None if self.eval_loss is None else float(min(self.eval_loss, 1e6)),
-            eval_step=self.eval_step, tokens_per_s=float(tokens_per_s),
+            loss_count=self.loss_count, evals=[(int(step), float(min(loss, 1e6)))
+                                               for step, loss in self.eval_curve[-EVAL_HISTORY:]],
+            tokens_per_s=float(tokens_per_s),
             queue=w.window.waiting + w.compute.pending(), inflight=w.window.pending,
             sync_seconds=float(sum(r["seconds"] for r in sync.rounds)),
             bytes_sent=int(wire["bytes_sent"] + traffic[0]), bytes_received=int(wire["bytes_received"] + traffic[1]),
@@ -67,16 +68,27 @@ class PeerTelemetry:
 
     async def publish_loop(self) -> None:
         """At every window boundary: publish the closed window's figures, then reset the window counters."""
-        last_tokens = self.worker.trainer.samples_stepped * self.worker.cfg.data.seq_len
+        self._last_tokens = self._tokens()
         while self.worker.state in ("online", "idle"):
             now = get_dht_time()
             window = int(now // self.period)
             await asyncio.sleep(max(0.0, (window + 1) * self.period - now) + 0.05)
-            tokens = self.worker.trainer.samples_stepped * self.worker.cfg.data.seq_len
-            record = self.record(window, (tokens - last_tokens) / self.period)
-            self.loss_sum, self.loss_count, last_tokens = 0.0, 0, tokens
-            self.delivered, self.received = {}, {}
-            await self.publish(record)
+            await self.publish(self._close_window(window))
+
+    async def publish_last(self) -> None:
+        """The figures of the window the peer ends in (its last evaluation, its last losses): the loop above stops
+        with the peer, before that window closes."""
+        await self.publish(self._close_window(int(get_dht_time() // self.period)))
+
+    def _tokens(self) -> int:
+        return self.worker.trainer.samples_stepped * self.worker.cfg.data.seq_len
+
+    def _close_window(self, window: int) -> MetricRecord:
+        tokens = self._tokens()
+        record = self.record(window, (tokens - self._last_tokens) / self.period)
+        self.loss_sum, self.loss_count, self._last_tokens = 0.0, 0, tokens
+        self.delivered, self.received = {}, {}
+        return record
 
     async def publish(self, record: MetricRecord) -> None:
         w = self.worker

@@ -61,16 +61,16 @@ class Hostile:
         store_stage_record(self.dht, self.run_id, own, mine, 20, expiration=now + 21 + self.sent["records"] * 1e-3)
         window = int(get_dht_time() // self.metrics_period)
         fake = dict(state="online", window=window, period=self.metrics_period, round=10**6, inner_step=10**6,
-                    samples=1, tokens=1, eval_step=1, tokens_per_s=1e9, queue=0, inflight=0, sync_seconds=0.0,
+                    samples=1, tokens=1, tokens_per_s=1e9, queue=0, inflight=0, sync_seconds=0.0,
                     bytes_sent=0, bytes_received=0, global_hash=FAKE_HASH, round_ok=True)
         last = self.num_stages - 1
         # the last stage's loss under its own id: a made-up figure over a million microbatches it says an honest
         # peer sent it
-        mine_loss = MetricRecord(peer_id=self.peer_id, stage=last, loss_sum=1e4, loss_count=10**6, eval_loss=None,
+        mine_loss = MetricRecord(peer_id=self.peer_id, stage=last, loss_sum=1e4, loss_count=10**6,
                                  received={self.template.peer_id: 10**6}, **fake)
         self.dht.store(metrics_key(self.run_id, last), mine_loss.dict(), get_dht_time() + 20, subkey=mine)
         # under an honest peer's id (impersonation): a validation loss of 0, and vouching for the made-up loss above
-        vouch = MetricRecord(peer_id=self.template.peer_id, stage=stage, loss_sum=0.0, loss_count=0, eval_loss=0.0,
+        vouch = MetricRecord(peer_id=self.template.peer_id, stage=stage, loss_sum=0.0, loss_count=0, evals=[(1, 0.0)],
                              delivered={self.peer_id: 10**6}, **fake)
         self.dht.store(metrics_key(self.run_id, stage), vouch.dict(), get_dht_time() + 20, subkey=mine)
 

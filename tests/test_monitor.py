@@ -8,11 +8,11 @@ from swarm_peer.status import stage_report
 H1, H2 = "1111111111111111", "2222222222222222"
 
 
-def rec(peer, stage, window, loss_sum=0.0, count=0, state="online", rnd=3, h=H1, samples=0, tps=0.0, eval_loss=None,
-        eval_step=0, delivered=None, received=None):
+def rec(peer, stage, window, loss_sum=0.0, count=0, state="online", rnd=3, h=H1, samples=0, tps=0.0, evals=(),
+        delivered=None, received=None):
     return MetricRecord(peer_id=peer, stage=stage, state=state, window=window, period=10.0, round=rnd, inner_step=5,
                         samples=samples, tokens=samples * 128, loss_sum=loss_sum, loss_count=count,
-                        eval_loss=eval_loss, eval_step=eval_step, tokens_per_s=tps, queue=0, inflight=0, sync_seconds=1.5,
+                        evals=list(evals), tokens_per_s=tps, queue=0, inflight=0, sync_seconds=1.5,
                         bytes_sent=10, bytes_received=10, global_hash=h, round_ok=True,
                         delivered=delivered or {}, received=received or {})
 
@@ -39,7 +39,7 @@ def test_only_work_both_sides_report_counts():
     later = aggregate([(rec("a", 0, 8), now + 20), (rec("x", 1, 8), now + 20)], window=8, num_stages=2, now=now,
                       seen=seen)
     assert later["alive/stage0"] == 1 and later["alive/stage1"] == 0  # a: confirmed in an earlier window
-    evals = [(rec(p, 0, 9, eval_loss=v, eval_step=10), now + 20) for p, v in (("a", 2.0), ("b", 2.1), ("e", 0.0))]
+    evals = [(rec(p, 0, 9, evals=[(10, v)]), now + 20) for p, v in (("a", 2.0), ("b", 2.1), ("e", 0.0))]
     assert aggregate(evals, window=9, num_stages=2, now=now, seen=seen)["eval_loss"] == 2.0  # one low figure does not
     # drag it down
     one_stage = [(rec("a", 0, 7, loss_sum=3.0, count=1), now + 20)]  # a single stage: its own data, nobody to back it
@@ -49,8 +49,8 @@ def test_only_work_both_sides_report_counts():
 def test_global_loss_and_alive_counts_use_one_window_and_fresh_records():
     now = 1000.0
     records = [
-        (rec("a", 0, 7, samples=100, tps=50.0, eval_loss=2.0, delivered={"d": 3, "e": 2, "g": 1}), now + 20),
-        (rec("b", 0, 7, samples=60, tps=30.0, eval_loss=3.0, delivered={"d": 1, "f": 1, "h": 1}), now + 20),
+        (rec("a", 0, 7, samples=100, tps=50.0, evals=[(10, 2.0)], delivered={"d": 3, "e": 2, "g": 1}), now + 20),
+        (rec("b", 0, 7, samples=60, tps=30.0, evals=[(10, 3.0)], delivered={"d": 1, "f": 1, "h": 1}), now + 20),
         (rec("c", 0, 6, samples=999, tps=999.0), now + 20),  # an older window: not mixed in
         (rec("d", 1, 7, loss_sum=12.0, count=4, received={"a": 3, "b": 1}), now + 20),  # loss 3.0 x 4 microbatches
         (rec("e", 1, 7, loss_sum=4.0, count=2, h=H2, received={"a": 2}), now + 20),  # loss 2.0 x 2, another hash
@@ -93,10 +93,48 @@ def test_status_report_warns_about_empty_lone_and_drifting():
 
 def test_an_evaluation_is_logged_once_not_again_in_later_windows():
     now, seen = 1000.0, Seen(confirmed={"a", "b"})
-    first = aggregate([(rec("a", 0, 7, eval_loss=2.0, eval_step=10), now + 20)], 7, 2, now, seen)
+    first = aggregate([(rec("a", 0, 7, evals=[(10, 2.0)]), now + 20)], 7, 2, now, seen)
     assert first["eval_loss"] == 2.0 and first["eval_step"] == 10
-    again = aggregate([(rec("a", 0, 8, eval_loss=2.0, eval_step=10), now + 20)], 8, 2, now, seen)
+    again = aggregate([(rec("a", 0, 8, evals=[(10, 2.0)]), now + 20)], 8, 2, now, seen)
     assert "eval_loss" not in again  # the same evaluation, still carried by the peer's record
-    newer = aggregate([(rec("a", 0, 9, eval_loss=1.5, eval_step=20), now + 20),
-                       (rec("b", 0, 9, eval_loss=2.5, eval_step=20), now + 20)], 9, 2, now, seen)
+    newer = aggregate([(rec("a", 0, 9, evals=[(10, 2.0), (20, 1.5)]), now + 20),
+                       (rec("b", 0, 9, evals=[(10, 2.1), (20, 2.5)]), now + 20)], 9, 2, now, seen)
     assert newer["eval_loss"] == 2.0 and newer["eval_step"] == 20
+
+
+def test_a_step_that_stage_mates_report_in_different_windows_is_one_row():
+    """Seen in CI: two stage-0 peers evaluated step 10 a window apart, and each got its own row (10, 10, 20, 20)."""
+    now, seen = 1000.0, Seen(confirmed={"a", "b"})
+    early = aggregate([(rec("a", 0, 7, evals=[(10, 2.0)]), now + 20), (rec("b", 0, 7), now + 20)], 7, 2, now, seen)
+    assert "eval_loss" not in early  # b has not evaluated step 10 yet: wait a window for it
+    row = aggregate([(rec("a", 0, 8, evals=[(10, 2.0)]), now + 20), (rec("b", 0, 8, evals=[(10, 3.0)]), now + 20)],
+                    8, 2, now, seen)
+    assert row["eval_step"] == 10 and row["eval_loss"] == 2.5
+    seen.confirmed.add("c")
+    late = aggregate([(rec("c", 0, 9, evals=[(10, 9.0)]), now + 20)], 9, 2, now, seen)
+    assert "eval_loss" not in late  # a straggler's report of a logged step adds no second row
+    alone = aggregate([(rec("a", 0, 10, evals=[(10, 2.0), (20, 1.0)]), now + 20), (rec("b", 0, 10), now + 20)],
+                      10, 2, now, seen)
+    assert "eval_loss" not in alone
+    nobody = aggregate([], 11, 2, now, seen)  # b never evaluates 20 (it left): logged a window later all the same
+    assert nobody["eval_step"] == 20 and nobody["eval_loss"] == 1.0
+
+
+def test_a_monitor_that_starts_late_still_logs_every_evaluation_in_order():
+    """Seen in CI: the monitor's first counted window came after step 10's evaluation, so step 0 was never logged."""
+    now, seen = 1000.0, Seen(confirmed={"a"})
+    logged = []
+    for window in range(7, 11):
+        row = aggregate([(rec("a", 0, window, evals=[(0, 5.5), (10, 4.0), (20, 3.6)]), now + 20)], window, 2, now, seen)
+        logged += [(row["eval_step"], row["eval_loss"])] if "eval_loss" in row else []
+    assert logged == [(0, 5.5), (10, 4.0), (20, 3.6)]
+
+
+def test_a_record_carries_a_bounded_evaluation_history():
+    import pydantic.v1 as pydantic
+    import pytest
+
+    from swarm_peer.records import EVAL_HISTORY
+
+    with pytest.raises(pydantic.ValidationError):
+        rec("a", 0, 7, evals=[(i, 1.0) for i in range(EVAL_HISTORY + 1)])
