@@ -50,7 +50,7 @@ class Action(Enum):
 @dataclass(frozen=True)
 class AfterStep:
     """What decides what follows an inner step (a snapshot taken before each decision)."""
-    mode: str  # diloco | sync | none
+    outer_rounds: bool  # the sync mode has rounds after inner steps (diloco)
     round_due: bool  # sync_rules.round_due for this peer and its stage
     round_asked: bool  # a caller waits for a round (end of training) and this peer has unmerged work
     stopping: bool
@@ -63,7 +63,7 @@ class AfterStep:
 def next_action(f: AfterStep) -> Action:
     """One action at a time, each at most once per step, in this order: the outer round (whose outcome may be that
     this peer is behind), the recovery, the checkpoint (of what the first two left), then reopening."""
-    if f.mode == "diloco" and not f.stopping and (f.round_due or f.round_asked) and Action.OUTER_ROUND not in f.done:
+    if f.outer_rounds and not f.stopping and (f.round_due or f.round_asked) and Action.OUTER_ROUND not in f.done:
         return Action.OUTER_ROUND
     if (f.behind or f.disagrees) and Action.RECOVER not in f.done:
         return Action.RECOVER
@@ -113,8 +113,9 @@ class Stepper:
         return report
 
     def _after_step(self, waiters: list, done: set) -> AfterStep:
-        return AfterStep(mode=self.sync.mode, round_due=self.sync.mode == "diloco" and self.sync.due(),
-                         round_asked=bool(waiters) and self.sync.mode == "diloco" and self.sync.unmerged_work(),
+        outer = self.sync.strategy.outer_rounds
+        return AfterStep(outer_rounds=outer, round_due=outer and self.sync.due(),
+                         round_asked=bool(waiters) and outer and self.sync.unmerged_work(),
                          stopping=self._stopping(), behind=self._recover_wanted, disagrees=self.disagrees(),
                          checkpoint_due=self._checkpoint_due(), done=frozenset(done))
 
@@ -132,7 +133,7 @@ class Stepper:
                 await self._in_thread(self._refresh)
                 self.sync.catch_up_clock()
             averaged = None
-            if self.sync.mode == "sync" and self.sync.training and (completed > 0 or self.sync.others):
+            if self.sync.strategy.averages_gradients and self.sync.training and (completed > 0 or self.sync.others):
                 self.window.close()  # queued requests get "busy" now instead of timing out during the round
                 self.enter(Phase.AVERAGING)
                 averaged = await self.sync.run_round(completed, self._refresh, self._publish)
@@ -212,8 +213,9 @@ class Stepper:
         while time.monotonic() < deadline and not self._stopping():
             await self._in_thread(self._refresh)
             if not any(o.state == "online" for o in self.sync.others):
-                # sync mode: every step had its round (a mate's partial last window it stepped alone: we recover it)
-                if self.sync.mode == "sync" or not self.sync.unmerged_work():
+                # gradient rounds: every step had its round (a mate's partial last window it stepped alone: we
+                # recover it)
+                if self.sync.strategy.averages_gradients or not self.sync.unmerged_work():
                     return await self._linger_for_laggards()
                 try:
                     await asyncio.wait_for(self.request_round(), 3 * self.cfg.swarm.averaging_timeout)

@@ -1,11 +1,8 @@
 """Keeping the replicas of one stage in sync: when its peers enter a round, the round itself, agreement, recovery.
 
-`swarm.sync_mode`:
-- `diloco` (default): inner AdamW steps on the local weights; each outer round averages the pseudo-gradients
-  θ_global − θ_local of the stage's peers (weighted by samples) and applies outer SGD-Nesterov (diloco.py).
-- `sync`: SWARM-style data parallelism: before every inner step the stage's peers average their gradients (weighted by
-  samples); with identical init, averages and AdamW states the replicas stay identical.
-- `none`: replicas train independently (an experiment's control).
+`swarm.sync_mode` is a strategy (sync_modes.py: what a round averages, what the stage's state is, how an average is
+applied): `diloco` (default) averages pseudo-gradients after H inner steps, `sync` gradients before every inner step,
+`none` has no rounds. Everything below is the same for every mode.
 
 When. Every peer publishes its round, the inner steps and samples it has done in it, and whether it is averaging
 now (StageRecord). Round r is due when the stage's peers in round r have done H = `swarm.sync_every` inner steps on
@@ -37,9 +34,10 @@ from swarm_peer.averaging import StageAverager, await_step
 from swarm_peer.compression import compression_strategy
 from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
-from swarm_peer.diloco import OuterOptimizer, squared_norm, tensors_hash
+from swarm_peer.diloco import OuterOptimizer, squared_norm
 from swarm_peer.donor_trust import DonorTrust
 from swarm_peer.records import StageRecord
+from swarm_peer.sync_modes import Independent, make_mode
 from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, choose_donors, group_clock,
                                    group_hash, max_round_weight,
                                    remember_agreements, round_bits, round_due, state_problem, vouched,
@@ -63,7 +61,7 @@ class StageSync:
         self.cfg, self.mode, self.compute = cfg, cfg.swarm.sync_mode, compute
         self.me, self.fingerprint = str(dht.peer_id), fingerprint
         self.trainer: StageTrainer | None = None
-        self.outer: OuterOptimizer | None = None
+        self.strategy: Independent | None = None  # the mode's behaviour (attach)
         self.progress = Progress(global_hash="")
         self.view = StageView()  # replaced whole by see(): read it once per decision
         self.agreed: dict[int, dict[str, float]] = {}  # round -> majority hashes seen recently (remember_agreements)
@@ -88,20 +86,19 @@ class StageSync:
 
     def attach(self, trainer: StageTrainer) -> None:
         self.trainer = trainer
-        self.outer = OuterOptimizer(trainer.params, self.cfg.optim.outer) if self.mode == "diloco" else None
-        self.progress = Progress(global_hash=self._state_hash())
+        self.strategy = make_mode(self.cfg, trainer)
+        self.progress = Progress(global_hash=self.strategy.state_hash())
+
+    @property
+    def outer(self) -> OuterOptimizer | None:
+        """DiLoCo's global copy and outer momentum (None in the other modes)."""
+        return self.strategy.outer if self.strategy else None
 
     # ---- what this peer's state is, and what a downloader gets
-    def _state_hash(self) -> str:
-        return self.outer.global_hash() if self.outer else tensors_hash([p.detach().cpu() for p in self.trainer.params])
-
     def _state_tensors(self) -> tuple[dict, list[torch.Tensor]]:
         meta = {"round": self.progress.round, "hash": self.progress.global_hash, "mode": self.mode,
                 "inner_step": self.trainer.inner_step, "clock": self.trainer.clock}
-        if self.outer:
-            return meta, self.outer.state_tensors()
-        adam_steps, moments = self.trainer.inner_state_tensors()
-        return {**meta, "adam_steps": adam_steps}, [p.detach().cpu().clone() for p in self.trainer.params] + moments
+        return self.strategy.state_tensors(meta)
 
     def _state_for_download(self):
         # runs in hivemind's state-sharing thread; the compute thread makes the snapshot consistent
@@ -109,24 +106,14 @@ class StageSync:
             return {"round": -1}, []  # never share a state the stage has not agreed on
         return self.compute.call(STEP, self._state_tensors, timeout=60)
 
-    def _num_state_tensors(self) -> int:
-        return len(self.trainer.params) * (2 if self.outer else 3)
-
     @torch.no_grad()
     def _apply_state(self, meta: dict, tensors: list[torch.Tensor], clock: float) -> None:
-        n = len(self.trainer.params)
-        if self.outer:
-            with self.averager.state_writing():
-                self.outer.load_state_tensors(tensors)
-                self.outer.load_into(self.trainer.params)
-        else:
-            for p, t in zip(self.trainer.params, tensors[:n]):
-                p.copy_(t.to(p.device, p.dtype))
-            self.trainer.load_inner_state(int(meta.get("adam_steps", 0)), tensors[n:], int(meta.get("inner_step", 0)))
+        with self.averager.state_writing():  # no download reads the served state meanwhile
+            self.strategy.load_state(meta, tensors)
         self.trainer.discard_gradients()
         self.trainer.clock = clock
         self.clock_pending = True  # the stage trains on while this peer starts up: catch up at its first step
-        self.progress = Progress(global_hash=self._state_hash(), round=int(meta["round"]))
+        self.progress = Progress(global_hash=self.strategy.state_hash(), round=int(meta["round"]))
 
     def see(self, view: StageView) -> None:
         """The worker's fresh look at the stage's other peers."""
@@ -156,7 +143,8 @@ class StageSync:
         self.progress.round_samples += samples
 
     def due(self, lookahead: int = 0) -> bool:
-        if self.mode != "diloco" or self.progress.syncing:
+        """Is an outer round due (only modes with outer rounds have one)?"""
+        if not self.strategy.outer_rounds or self.progress.syncing:
             return False
         return round_due(self.progress, self.others, self.cfg.swarm.sync_every, self.cfg.swarm.sync_samples,
                          lookahead, training=self.training)
@@ -189,7 +177,7 @@ class StageSync:
             if any(o.round > r and o.round_ok for o in others):
                 return None, "behind"
             # r - 1: about to publish round r. Sync mode: a mate done training (idle) steps no more
-            joinable = [o for o in others if o.round in (r - 1, r) and (self.outer or o.state == "online")]
+            joinable = [o for o in others if o.round in (r - 1, r) and (self.strategy.outer_rounds or o.state == "online")]
             if not joinable:
                 # laggards further back recover from us instead. But a stage mate in this round whose record merely
                 # went quiet (an overloaded host, a slow DHT) may be averaging with others right now: a lone step
@@ -242,17 +230,15 @@ class StageSync:
         r, t0 = self.progress.round, time.monotonic()
         self.progress.syncing = True
         await publish()
-        samples = self.progress.round_samples if self.outer else completed_samples
+        mode = self.strategy
+        samples = mode.round_samples(self.progress.round_samples, completed_samples)
         # an idle peer's Δ = 0 must not dilute the average; never 0 (a group of all-zero weights would divide 0 by 0)
         weight = float(samples) if samples > 0 else 1e-6
-        def contribute(out: list[torch.Tensor]) -> None:  # local weights and p.grad are unchanged during a round
-            if self.outer:  # (the window is closed)
-                self.outer.pseudo_gradient(self.trainer.params, out=out)
-            else:
-                self.trainer.mean_gradients(completed_samples, out)
+        def contribute(out: list[torch.Tensor]) -> None:
+            mode.contribute(out, completed_samples)
 
-        clock = self.trainer.clock if self.outer else await self.compute.run(STEP, self.trainer.position)  # sync
-        # mode: the step this average is for
+        # gradient rounds: the step this average is for
+        clock = self.trainer.clock if mode.outer_rounds else await self.compute.run(STEP, self.trainer.position)
         before = list(self.averager.traffic)
         phases: dict = {}
         gathered, outcome = await self._average(r, weight, clock, refresh, contribute, phases)
@@ -279,16 +265,15 @@ class StageSync:
                 averaged = False
             norm = math.sqrt(squared_norm(delta))
             self.progress.round_ok = group_ok and (averaged or outcome == "alone")
-            if self.outer:
+            if mode.outer_rounds:  # the round ends here (a gradient round ends after the inner step: end_sync_round)
                 with self.averager.state_writing():  # no download reads the outer state meanwhile
-                    self.outer.step(delta)
-                    self.outer.load_into(self.trainer.params)
+                    mode.apply(delta)
                     # a peer done training keeps its clock at the run's end: it only pulls late groupmates forward
                     self.trainer.clock = clock if self.training else max(self.trainer.clock, clock)
                     self._advance(r + 1)  # on the compute thread with the step: a state snapshot (also taken
                     # there) never pairs the new weights with the old round and hash
             else:
-                self.trainer.set_gradients(delta)
+                mode.apply(delta)
             return norm
 
         def apply_locked() -> float:
@@ -302,17 +287,18 @@ class StageSync:
         phases["apply_s"] = time.monotonic() - t_apply
         after = list(self.averager.traffic)
         metrics = {"round": r, "group_size": len(gathered) if averaged else 1, "outcome": outcome, "clock": clock,
-                   "ok": self.progress.round_ok, "samples": samples, "pseudo_grad_norm" if self.outer else "grad_norm": norm,
+                   "ok": self.progress.round_ok, "samples": samples,
+                   "pseudo_grad_norm" if mode.outer_rounds else "grad_norm": norm,
                    "bytes_sent": after[SENT] - before[SENT], "bytes_received": after[RECEIVED] - before[RECEIVED],
                    "unaveraged_values": after[FAILED_VALUES] - before[FAILED_VALUES],
                    "seconds": time.monotonic() - t0, **{k: phases.get(k) for k in ROUND_PHASES}}
-        if self.outer:  # sync mode: the hash is taken after the AdamW step (end_sync_round)
+        if mode.outer_rounds:  # gradient rounds: the hash is taken after the AdamW step (end_sync_round)
             self._record(metrics)
             await publish()
         return metrics
 
     def _advance(self, next_round: int) -> None:
-        self.progress.global_hash = self._state_hash()
+        self.progress.global_hash = self.strategy.state_hash()
         self.progress.round, self.progress.round_steps, self.progress.round_samples = next_round, 0, 0
         self.progress.syncing = False
 
@@ -359,7 +345,7 @@ class StageSync:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         timeout = max(30.0, self.cfg.swarm.averaging_timeout)
-        result = await loop.run_in_executor(None, self.averager.download_state, donors, self._num_state_tensors(),
+        result = await loop.run_in_executor(None, self.averager.download_state, donors, self.strategy.num_state_tensors(),
                                             timeout)
         for donor in self.averager.last_unserved:  # its record claims a state, no averager of its answers: a record
             self.trust.distrust(donor, "runs no averager")  # with nothing behind it is not believed for a while
@@ -396,19 +382,18 @@ class StageSync:
         return True
 
     def state_dict(self) -> dict:
-        return {"mode": self.mode, "outer": self.outer.state_dict(copy=False) if self.outer else None,
+        return {"mode": self.mode, "outer": self.strategy.state_dict(),
                 "progress": dataclasses.asdict(self.progress)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("mode") != self.mode:
             raise ValueError(f"checkpoint was taken in sync_mode {state.get('mode')}, this peer runs {self.mode}")
-        if self.outer is not None and state.get("outer") is not None:
-            self.outer.load_state_dict(state["outer"])
+        self.strategy.load_state_dict(state.get("outer"))
         self.progress = Progress(**{**state["progress"], "syncing": False})
 
     def summary(self) -> dict:
         if self.mode == "none":  # no rounds: the replica's own current weights
-            self.progress.global_hash = self._state_hash()
+            self.progress.global_hash = self.strategy.state_hash()
         return {"mode": self.mode, "round": self.progress.round, "global_hash": self.progress.global_hash,
                 "rounds": self.rounds, "recoveries": self.recoveries}
 

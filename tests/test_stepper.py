@@ -7,8 +7,8 @@ import pytest
 from swarm_peer.stepper import Action, AfterStep, Phase, Stepper, next_action
 
 
-def _facts(**kw) -> AfterStep:
-    base = dict(mode="diloco", round_due=False, round_asked=False, stopping=False, behind=False, disagrees=False,
+def _facts(mode="diloco", **kw) -> AfterStep:
+    base = dict(outer_rounds=mode == "diloco", round_due=False, round_asked=False, stopping=False, behind=False, disagrees=False,
                 checkpoint_due=False)
     return AfterStep(**{**base, **kw})
 
