@@ -13,6 +13,7 @@ different stages, so they are untied (the head starts as a copy of the embedding
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
+
+# no KV cache: transformers 5.24 renamed create_causal_mask's `past_key_values` to `cache` (the old name warns, and
+# goes in 5.40); pass whichever this install takes
+NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
@@ -198,7 +203,7 @@ class StageModel(nn.Module):
             hidden = x
         position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
         mask = create_causal_mask(config=self.hf, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=None, position_ids=position_ids)
+                                  position_ids=position_ids, **NO_CACHE)
         if self.gpt2:
             for block in self.blocks:
                 hidden = block(hidden, None, mask, position_ids=position_ids)
