@@ -107,9 +107,9 @@ class WanBench:
             t_serving = min(procs.wait_line(n, r"serving layers", deadline, "serving") for n in ("s0p0", "s0p1"))
             log(f"{mode}: stage 0 serving; training {self.steps} steps (at most {deadline - time.time():.0f} s)")
             names = [n for n, _ in layout]
-            finished = procs.wait_exit(["s0p0", "s0p1"], deadline)
+            finished = procs.wait_all(["s0p0", "s0p1"], deadline)
             if finished:
-                procs.wait_exit(names, min(deadline, time.time() + 60))
+                procs.wait_all(names, min(deadline, time.time() + 60))
             lines = {n: list(procs.lines[n]) for n in ("s0p0", "s0p1")}
         finally:  # stopped early, a peer in the middle of an outer round finishes it first (averaging_timeout)
             procs.close(grace=30.0 if finished else 90.0)

@@ -198,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     from hivemind.utils import get_dht_time
 
     logged, first_window, active_seen, empty_since, seen = None, None, False, None, Seen()
+
+    def log_window(window: int, rows, now: float) -> None:
+        nonlocal first_window
+        row = aggregate(rows, window, num_stages, now, seen)
+        if row["alive"] or "loss" in row or "eval_loss" in row:
+            first_window = window if first_window is None else first_window
+            _log(run, row, window - first_window, num_stages, args.history_json)
+
     deadline = time.monotonic() + args.max_seconds
     try:
         while not stop and time.monotonic() < deadline:
@@ -205,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             now = get_dht_time()
             window = int((now - 0.5 * period) // period) - 1  # closed half a period ago: every peer has published
             if logged is None or window > logged:
-                rows = read_all(dht, args.run_id, num_stages)
-                row = aggregate(rows, window, num_stages, now, seen)
-                if row["alive"] or "loss" in row or "eval_loss" in row:
-                    first_window = window if first_window is None else first_window
-                    _log(run, row, window - first_window, num_stages, args.history_json)
+                log_window(window, read_all(dht, args.run_id, num_stages), now)
                 logged = window
             if args.until_done:  # an outsider's record that says "online" for ever does not keep it running
                 active = any(p.record.state in ("online", "idle") and (num_stages == 1 or p.peer_id in seen.confirmed)
@@ -220,6 +224,15 @@ def main(argv: list[str] | None = None) -> int:
                     # (an evaluation still pending is logged within a window: due_evaluation)
                     print("[monitor] every peer has finished", flush=True)
                     break
+        if stop and logged is not None:  # stopped (Ctrl-C): log what the peers have published so far, the windows
+            # still open included (a stopping peer publishes the window it ends in), then what evaluations are left
+            now = get_dht_time()
+            rows, current = read_all(dht, args.run_id, num_stages), int(now // period)
+            window = logged + 1
+            while window <= current or (seen.evals and window <= current + 2 * EVAL_HISTORY):
+                log_window(window, rows if window <= current else [], now)
+                window += 1
+            print(f"[monitor] stopped{'; closing the W&B run' if run is not None else ''}", flush=True)
     finally:
         if run is not None:
             run.finish()

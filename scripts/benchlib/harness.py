@@ -57,7 +57,7 @@ class Bench:
             for s in reversed(range(S)):
                 procs.start(f"s{s}p0", self.peer_args(f"bench-{run}", s, f"s{s}p0", run_dir, tracker.maddr, common,
                                                       ["--max-steps", str(steps)]))
-            if not procs.wait_exit(names, deadline):
+            if not procs.wait_all(names, deadline):
                 raise PartTimeout(f"the {S}-stage swarm did not finish {steps} steps in time")
             series = tracker.series(0)
         finally:
@@ -82,7 +82,7 @@ class Bench:
         procs = Procs(run_dir, sample_cpu=True)
         try:
             procs.start(name, bargs, env={"OMP_WAIT_POLICY": "PASSIVE"})
-            if not procs.wait_exit([name], deadline):
+            if not procs.wait_all([name], deadline):
                 raise PartTimeout(f"{name} did not finish in time")
         finally:
             procs.close()
@@ -113,7 +113,7 @@ class Bench:
         procs = Procs(self.out / "b")
         try:
             procs.start(name, cmd, env={"OMP_NUM_THREADS": "1"})
-            if not procs.wait_exit([name], time.time() + self.sized(300, 150)):
+            if not procs.wait_all([name], time.time() + self.sized(300, 150)):
                 raise PartTimeout("bench_hop.py did not finish in time")
         finally:
             procs.close()

@@ -62,7 +62,7 @@ def part_g(bench: Bench) -> dict:
             return any(s[-1][4] >= 1 for s in tracker.series(1).values() if s)
         tracker.wait(first_round, deadline, "stage 1's first round", procs)
         start("s1p2", 1)
-        finished = procs.wait_exit([*NAMES, "monitor"], deadline)
+        finished = procs.wait_all([*NAMES, "monitor"], deadline)
         if not finished:  # a slow machine: the peers stop on SIGTERM and write what they did so far
             log("out of time: stopping the peers; the figures are of the run so far")
     finally:

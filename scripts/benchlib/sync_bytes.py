@@ -37,7 +37,7 @@ def part_c(bench: Bench) -> dict:
                 procs.start(f"s{s}p{p}", bench.peer_args(
                     "bench-c", s, f"s{s}p{p}", run_dir, tracker.maddr,
                     [*common, f"swarm.sync_mode={mode}", f"swarm.compression.averaging={codec}"], extra))
-        finished = procs.wait_exit(names, deadline)
+        finished = procs.wait_all(names, deadline)
     finally:
         killed = procs.close()  # SIGTERM first: a peer still in its final rounds writes its summary
         tracker.close()

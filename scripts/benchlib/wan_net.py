@@ -117,7 +117,7 @@ def link_check(wan: Wan, nbytes: int, deadline: float) -> dict:
         procs.wait_line("server", r"^\d+$", deadline, "the link-check server")
         port = procs.lines["server"][0][1].strip()
         procs.start("client", [PY, "-c", LINK_CHECK_CLIENT, wan.ips[0], port, str(nbytes)], prefix=wan.prefix(1))
-        if not procs.wait_exit(["client", "server"], deadline):
+        if not procs.wait_all(["client", "server"], deadline):
             raise PartTimeout("link check did not finish")
         received, seconds = procs.lines["server"][1][1].split()
     finally:

@@ -1,16 +1,14 @@
 """Run one method of an experiment (the single-process baseline, or a local S-stage x P-peer swarm on loopback) and
 evaluate its final model with `swarm_peer.baseline.evaluate` on the same held-out microbatches as every other method.
 
-Every child process gets its own session (process group), so its hivemind DHT process and p2pd are stopped with it;
-every wait is bounded; `Procs` stops them all (stop_all) on success, error, Ctrl-C and SIGTERM alike.
+Processes are started and stopped by swarm_peer.launch (each in its own process group, so its hivemind DHT process
+and p2pd are stopped with it); every wait is bounded; they are all stopped on success, error, Ctrl-C and SIGTERM.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,59 +16,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # swarm_peer from the checkout, as the peers import it
+from swarm_peer.launch import PYTHON, Launcher, LaunchError, peer_args  # noqa: E402
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
        "HIVEMIND_LOGLEVEL": "WARNING", "PYTHONUNBUFFERED": "1"}
 
 
 def _sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
-
-
-def stop_all(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
-    """TERM every process group (a peer then shuts its DHT and p2pd down), wait `grace` seconds for all of them
-    together, then KILL whatever is left of each group."""
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their leader (normally none)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-class Procs:
-    """The child processes of one run; `with Procs() as p:` stops all of them on the way out, whatever happens."""
-
-    def __init__(self):
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, args: list[str], log: Path) -> subprocess.Popen:
-        with open(log, "w") as f:
-            proc = subprocess.Popen([PYTHON, *args], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        stop_all(list(self.procs.values()))
 
 
 def _tail(path: Path, n: int = 2500) -> str:
@@ -82,12 +36,14 @@ def run_baseline(out: Path, config: str, overrides: list[str], steps: int, timeo
     args = ["-m", "swarm_peer.baseline", "--config", config, *_sets(overrides), "--max-steps", str(steps),
             "--summary-json", str(out / "summary.json"), "--save-weights", str(out / "weights.pt")]
     t0 = time.monotonic()
-    with Procs() as procs:
-        proc = procs.start("baseline", args, out / "baseline.log")
-        try:
-            rc = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"baseline still running after {timeout:.0f}s; see {out / 'baseline.log'}")
+    procs = Launcher(out, env=ENV)
+    try:
+        procs.start("baseline", [PYTHON, *args])
+        rc = procs.wait_exit("baseline", timeout)
+    except LaunchError:
+        raise RuntimeError(f"baseline still running after {timeout:.0f}s; see {out / 'baseline.log'}") from None
+    finally:
+        procs.close()
     if rc != 0:
         raise RuntimeError(f"baseline exited {rc}:\n{_tail(out / 'baseline.log')}")
     return _save_raw(out, {"kind": "baseline", "process_wall_s": time.monotonic() - t0})
@@ -117,57 +73,37 @@ def run_swarm(out: Path, config: str, overrides: list[str], steps: int, timeout:
     later stages. Waits for every peer to exit by itself (bounded by `timeout`); all must exit 0."""
     out.mkdir(parents=True, exist_ok=True)
     run_id = f"exp-{os.getpid()}-{int(time.time() * 1000) % 10**9}"
-    common = ["-m", "swarm_peer", "--config", config, *_sets(overrides), "--run-id", run_id,
-              "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--max-steps", str(steps)]
     names = [f"stage{s}_peer{p}" for s in range(stages) for p in range(peers)]
     t0 = time.monotonic()
     deadline = t0 + timeout
-    with Procs() as procs:
-        boot: list[str] = []
+    procs = Launcher(out, env=ENV)
+    try:
+        boot = None
         for s in range(stages):
             for p in range(peers):
                 n = f"stage{s}_peer{p}"
                 extra = ["--data-shard", f"{p}/{peers}"] if s == 0 else []
-                procs.start(n, [*common, "--stage", str(s), "--maddrs-file", str(out / f"{n}.maddrs"),
-                                "--summary-json", str(out / f"{n}.json"), "--save-weights", str(out / f"{n}.pt"),
-                                *(["--initial-peers", *boot] if boot else []), *extra], out / f"{n}.log")
+                procs.start(n, peer_args(s, run_id, maddrs_file=out / f"{n}.maddrs", config=config,
+                                         overrides=overrides, initial_peers=boot, summary_json=out / f"{n}.json",
+                                         extra=["--max-steps", str(steps), "--save-weights", str(out / f"{n}.pt"),
+                                                *extra]))
                 if not boot:  # the first peer bootstraps the DHT: wait for its address before starting the rest
-                    boot = [_wait_ready(procs, n, out, min(deadline, time.monotonic() + 120))]
+                    boot = procs.wait_file(n, out / f"{n}.maddrs", min(deadline - time.monotonic(), 120))
             for p in range(peers):
-                _wait_ready(procs, f"stage{s}_peer{p}", out, min(deadline, time.monotonic() + 120))
+                n = f"stage{s}_peer{p}"
+                procs.wait_file(n, out / f"{n}.maddrs", min(deadline - time.monotonic(), 120))
                 if s == 0:  # announced in the stage (it waits for stage 1 now)
-                    _wait_line(procs, f"stage0_peer{p}", out, "serving layers", min(deadline, time.monotonic() + 120))
+                    procs.wait_line(n, "serving layers", time.time() + min(deadline - time.monotonic(), 120))
         for n in names:
-            try:
-                rc = procs.procs[n].wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"swarm run still going after {timeout:.0f}s ({n}); see {out}")
+            rc = procs.wait_exit(n, max(0.1, deadline - time.monotonic()))
             if rc != 0:
                 raise RuntimeError(f"{n} exited {rc}:\n{_tail(out / f'{n}.log')}")
+    except (LaunchError, TimeoutError) as e:
+        raise RuntimeError(f"swarm run failed: {e}") from None
+    finally:
+        procs.close()
     return _save_raw(out, {"kind": "swarm", "process_wall_s": time.monotonic() - t0, "peers": peers,
                            "stages": stages})
-
-
-def _wait_line(procs: Procs, name: str, out: Path, text: str, deadline: float) -> None:
-    log = out / f"{name}.log"
-    while time.monotonic() < deadline:
-        if log.exists() and text in log.read_text(errors="replace"):
-            return
-        if procs.procs[name].poll() is not None:
-            raise RuntimeError(f"{name} died at startup:\n{_tail(log)}")
-        time.sleep(0.2)
-    raise RuntimeError(f"{name} not serving in time; see {log}")
-
-
-def _wait_ready(procs: Procs, name: str, out: Path, deadline: float) -> str:
-    path = out / f"{name}.maddrs"
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().split()[0]
-        if procs.procs[name].poll() is not None:
-            raise RuntimeError(f"{name} died at startup:\n{_tail(out / f'{name}.log')}")
-        time.sleep(0.2)
-    raise RuntimeError(f"{name} not ready in time; see {out / f'{name}.log'}")
 
 
 # ------------------------------------------------------------------------------------------- evaluation
