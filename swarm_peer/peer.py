@@ -106,17 +106,25 @@ def start_dht(args, validators, quiet: bool = False):
     key = getattr(args, "swarm_key", None)
     if key is not None:
         validators = list(validators) + [SwarmKeyValidator(key)]
+    unreachable = (f"none of --initial-peers answered ({', '.join(args.initial_peers or [])}): check the address "
+                   f"(copy the 'To join this swarm' line a running peer prints), that its peer is running and that its "
+                   f"port is reachable from this machine")
     with args.identity.p2pd_file() as identity_path:
-        dht = hivemind.DHT(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
-                           announce_maddrs=args.announce_maddrs, identity_path=identity_path,
-                           check_if_identity_free=args.identity_path is not None,  # a fresh key is free
-                           client_mode=args.client_mode, record_validators=validators, start=True,
-                           startup_timeout=30, authorizer=SwarmKeyAuthorizer(key) if key is not None else None,
-                           ensure_bootstrap_success=False)  # its check refuses clocks 3 s apart; swarm_time fixes them
+        try:
+            dht = hivemind.DHT(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
+                               announce_maddrs=args.announce_maddrs, identity_path=identity_path,
+                               check_if_identity_free=args.identity_path is not None,  # a fresh key is free
+                               client_mode=args.client_mode, record_validators=validators, start=True,
+                               startup_timeout=30, authorizer=SwarmKeyAuthorizer(key) if key is not None else None,
+                               ensure_bootstrap_success=False)  # its check refuses clocks 3 s apart; swarm_time
+            # fixes them
+        except Exception as e:  # p2pd refuses to start when it reaches no bootstrap peer (hivemind.P2PDaemonError)
+            if args.initial_peers and "bootstrap" in str(e):
+                raise _fail(unreachable) from None
+            raise
     if args.initial_peers and swarm_time.synchronize(dht) is None:
         dht.shutdown()
-        raise _fail(f"none of --initial-peers answered over the DHT ({', '.join(args.initial_peers)}): "
-                    f"check the addresses and that those peers are running")
+        raise _fail(unreachable)
     if key is not None and not quiet:
         print(f"private swarm: swarm key fingerprint {key.fingerprint()}", flush=True)
     maddrs = sorted(dht.get_visible_maddrs(), key=_is_loopback)  # non-loopback first

@@ -38,3 +38,29 @@ def test_run_local_experiment_rejects_bad_arguments():
         proc = subprocess.run(["bash", "run_local_experiment.sh", *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 2 and "run_local_experiment:" in proc.stderr, (args, proc.stderr)
+
+
+DEAD = "/ip4/127.0.0.1/tcp/9/p2p/QmRmUMb4CyvFt4mEFCUmcRy5jDgxE5EU1H1uDRaFTrY378"  # a valid address nobody serves
+
+
+@pytest.mark.parametrize("args", [["--stage", "0"], ["status"], ["monitor"], ["sample", "--prompt", "x"]])
+def test_a_dead_bootstrap_address_is_one_line_and_exit_2(args):
+    """Seen before: a 25-line hivemind traceback (P2PDaemonError: failed to connect to bootstrap peers), exit 1."""
+    import time
+
+    from swarm_peer.launch import group_pids
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen([PYTHON, "-m", "swarm_peer", *args, "--initial-peers", DEAD, "--host-maddrs",
+                             "/ip4/127.0.0.1/tcp/0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    proc.stdout, proc.stderr = proc.communicate(timeout=120)
+    deadline = time.monotonic() + 10
+    while group_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_pids(proc.pid)  # no p2pd or DHT process left behind
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and DEAD in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < 60
