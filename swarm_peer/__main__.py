@@ -1,21 +1,31 @@
-"""`python -m swarm_peer [--stage N ...]` starts a stage peer; the first word picks another tool:
-`monitor` (aggregate metrics, log to W&B), `status` (who serves what), `sample` (generate through the swarm),
-`baseline` (the single-process reference trainer), `keygen` (a new swarm key for a private swarm)."""
+"""`swarm-peer --stage N ...` (or `python -m swarm_peer --stage N ...`) starts a stage peer; a first word picks
+another command (COMMANDS)."""
 import sys
 
-TOOLS = {"baseline": "swarm_peer.baseline", "monitor": "swarm_peer.monitor", "status": "swarm_peer.status",
-         "sample": "swarm_peer.sample", "keygen": "swarm_peer.swarm_key"}
+COMMANDS = {  # name -> (module, what it does)
+    "monitor": ("swarm_peer.monitor", "a peer that hosts no stage: the global loss per window, console + W&B"),
+    "status": ("swarm_peer.status", "who serves which stage: per-stage tables, totals, warnings"),
+    "sample": ("swarm_peer.sample", "generate text through the live pipeline"),
+    "baseline": ("swarm_peer.baseline", "the single-process reference trainer (same model, data and optimizer)"),
+    "keygen": ("swarm_peer.swarm_key", "a new swarm key file for a private swarm"),
+}
 
 
 def main() -> int:
     import importlib
 
     argv = sys.argv[1:]
-    if argv and argv[0] in TOOLS:
-        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
-    from swarm_peer.peer import main as peer_main
+    try:
+        if argv and argv[0] in COMMANDS:
+            return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+        from swarm_peer.peer import main as peer_main
 
-    return peer_main(argv)
+        return peer_main(argv)
+    except BrokenPipeError:  # `swarm-peer status --json | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swarm_peer.baseline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="swarm-peer baseline", description=__doc__.splitlines()[0])
     add_config_args(parser)
     parser.add_argument("--max-steps", "--max_steps", type=int, help="shorthand for --set run.max_steps=N")
     parser.add_argument("--device", help="shorthand for --set run.device=...")

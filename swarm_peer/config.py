@@ -8,6 +8,7 @@ same embedding and head and computes the same fingerprint, whichever entry point
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import os
@@ -197,6 +198,11 @@ def _format_error(err: ValidationError) -> str:
     return f"{loc}: {msg}{extra}"
 
 
+def _did_you_mean(name: str, fields) -> str:
+    close = difflib.get_close_matches(name, list(fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(fields)})"
+
+
 def apply_override(tree: dict, override: str) -> None:
     """Apply one `a.b.c=value` override in place; value is parsed as YAML (so 3e-4, true, [1,2] work)."""
     if "=" not in override:
@@ -215,14 +221,14 @@ def apply_override(tree: dict, override: str) -> None:
     fields = Config.model_fields
     for depth, part in enumerate(parts[:-1]):
         if fields is not None and part not in fields:
-            raise ConfigError(f"{'.'.join(parts[:depth + 1])}: unknown field")
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])}: unknown field{_did_you_mean(part, fields)}")
         annotation = fields[part].annotation if fields is not None else None
         fields = getattr(annotation, "model_fields", None)
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is not a section")
     if fields is not None and parts[-1] not in fields:
-        raise ConfigError(f"{key}: unknown field")
+        raise ConfigError(f"{key}: unknown field{_did_you_mean(parts[-1], fields)}")
     node[parts[-1]] = value
 
 

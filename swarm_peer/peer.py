@@ -23,10 +23,11 @@ from swarm_peer.config import ConfigError, add_config_args, config_from_args
 log = logging.getLogger("swarm_peer")
 
 
-def add_network_args(parser: argparse.ArgumentParser) -> None:
-    """hivemind's conventions; dashes and underscores both accepted."""
+def add_network_args(parser: argparse.ArgumentParser, joins_only: bool = False) -> None:
+    """hivemind's conventions; dashes and underscores both accepted. `joins_only`: a tool that needs a swarm."""
     parser.add_argument("--initial-peers", "--initial_peers", nargs="*", default=[], metavar="MADDR",
-                        help="multiaddrs of any running peers (…/p2p/<peer id>); none = start a new swarm")
+                        help="multiaddrs of any running peers of the swarm (…/p2p/<peer id>, the 'To join this swarm' "
+                             "line a peer prints)" + ("" if joins_only else "; none = start a new swarm"))
     parser.add_argument("--run-id", "--run_id", default="swarm", help="DHT prefix: several swarms can share one DHT")
     parser.add_argument("--host-maddrs", "--host_maddrs", nargs="+", default=["/ip4/0.0.0.0/tcp/0"],
                         help="where to listen (default: all interfaces, random port)")
@@ -153,7 +154,13 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swarm_peer", description=__doc__.splitlines()[0])
+    from swarm_peer.__main__ import COMMANDS
+
+    parser = argparse.ArgumentParser(prog="swarm-peer", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="other commands (`swarm-peer COMMAND --help`, or `python -m swarm_peer "
+                                            "COMMAND`):\n" + "\n".join(f"  {name:<10}{what}"
+                                                                         for name, (_, what) in COMMANDS.items()))
     add_config_args(parser)
     parser.add_argument("--stage", type=int, required=True, help="pipeline stage this peer hosts (0-based)")
     add_network_args(parser)

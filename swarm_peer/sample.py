@@ -29,9 +29,9 @@ def pick_token(logits: torch.Tensor, temperature: float, top_k: int, rng: torch.
 def main(argv: list[str] | None = None) -> int:
     from swarm_peer.peer import _fail, add_network_args, check_network_args, setup_logging, start_dht
 
-    parser = argparse.ArgumentParser(prog="python -m swarm_peer sample", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="swarm-peer sample", description=__doc__.splitlines()[0])
     add_config_args(parser)
-    add_network_args(parser)
+    add_network_args(parser, joins_only=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -73,9 +73,9 @@ def render(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from swarm_peer.peer import add_network_args, check_network_args, setup_logging, start_dht
 
-    parser = argparse.ArgumentParser(prog="python -m swarm_peer status", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="swarm-peer status", description=__doc__.splitlines()[0])
     add_config_args(parser)
-    add_network_args(parser)
+    add_network_args(parser, joins_only=True)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     if not args.initial_peers:

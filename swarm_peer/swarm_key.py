@@ -166,7 +166,7 @@ def main(argv: list[str]) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m swarm_peer keygen", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="swarm-peer keygen", description=main.__doc__)
     parser.add_argument("path", help="where to write the key (hand it to every member, e.g. over ssh)")
     args = parser.parse_args(argv)
     try:

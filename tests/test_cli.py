@@ -16,6 +16,7 @@ from tests.conftest import PYTHON, ROOT
     (["--stage", "0", "--set", "swarm.num_stages=0"], "swarm.num_stages"),
     (["--stage", "0", "--set", "swarm.sync_mode=gossip"], "swarm.sync_mode"),
     (["--stage", "0", "--set", "swarm.averaging_timeout=-1"], "swarm.averaging_timeout"),
+    (["--stage", "0", "--set", "swarm.sync_evry=3"], "did you mean 'sync_every'"),
     (["status"], "--initial-peers"),
     (["status", "--initial-peers", "garbage"], "--initial-peers"),
     (["sample", "--prompt", "x"], "--initial-peers"),
@@ -64,3 +65,19 @@ def test_a_dead_bootstrap_address_is_one_line_and_exit_2(args):
     assert len(lines) == 1 and lines[0].startswith("error:") and DEAD in lines[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_help_lists_every_command_and_each_tool_says_what_it_needs():
+    from swarm_peer.__main__ import COMMANDS
+
+    top = subprocess.run([PYTHON, "-m", "swarm_peer", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert top.returncode == 0 and all(f"  {name} " in top.stdout for name in COMMANDS), top.stdout
+    for name in COMMANDS:
+        proc = subprocess.run([PYTHON, "-m", "swarm_peer", name, "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and f"swarm-peer {name}" in proc.stdout, (name, proc.stdout, proc.stderr)
+        if name in ("status", "sample"):  # they read a running swarm: they never start one
+            assert "start a new swarm" not in proc.stdout
+    local = subprocess.run(["bash", "run_local_experiment.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+    assert local.returncode == 0 and "Ctrl-C" in local.stdout and "pipefail" not in local.stdout
