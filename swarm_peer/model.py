@@ -288,12 +288,11 @@ def _load_pretrained(model: StageModel, name_or_path: str) -> None:
 
 
 def weights_hash(module: nn.Module) -> str:
-    """sha256 over parameters in name order (bytes of the CPU fp32/bf16 values): equal hash = equal weights."""
-    h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items(), key=lambda kv: kv[0]):
-        h.update(name.encode())
-        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The one weights hash of swarm_peer (diloco.tensors_hash over the parameters in order): the hash a round
+    publishes for the global copy is the hash of the local weights that equal it (the summary, `done:`)."""
+    from swarm_peer.diloco import tensors_hash
+
+    return tensors_hash([p.detach() for p in module.parameters()])
 
 
 def stage_fingerprint(cfg: Config, stage: int) -> str:
