@@ -18,6 +18,7 @@ from swarm_peer.config import Config, ConfigError, add_config_args, config_from_
 from swarm_peer.data import Corpus, ShardSampler, load_corpus, validation_microbatches
 from swarm_peer.model import StageModel, build_stage, count_parameters, stage_layer_ranges, weights_hash
 from swarm_peer.optim import build_inner_optimizer, clip_grad_norm
+from swarm_peer.progress import count, eta
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,8 +87,10 @@ def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: b
         if (step + 1) % cfg.run.log_interval == 0 or step + 1 == cfg.run.max_steps:
             now = time.perf_counter()
             record["train/tokens_per_s"] = window_tokens / (now - window_start)
-            log(f"step {step + 1:>5}/{cfg.run.max_steps} | loss {step_loss:.4f} | lr {record['train/lr']:.2e} | "
-                f"{record['train/tokens_per_s']:,.0f} tok/s")
+            steps_per_s = (step + 1) / (now - started)
+            log(f"step {step + 1:>5}/{cfg.run.max_steps} {(step + 1) / cfg.run.max_steps:4.0%} | loss {step_loss:.4f} | "
+                f"lr {record['train/lr']:.2e} | {record['train/tokens_per_s']:,.0f} tok/s | "
+                f"{count((step + 1) * tokens_per_step)} tokens | {eta(step + 1, cfg.run.max_steps, steps_per_s)}")
             window_start, window_tokens = now, 0
         if (cfg.run.eval_interval and (step + 1) % cfg.run.eval_interval == 0) or step + 1 == cfg.run.max_steps:
             val = evaluate(model, corpus, cfg, device)

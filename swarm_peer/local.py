@@ -18,20 +18,24 @@ import argparse
 import datetime
 import glob
 import json
+import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from swarm_peer.launch import PYTHON, ROOT, LaunchError, Launcher, monitor_args, peer_args
+from swarm_peer.progress import count, duration
 
 PROG = "run_local_experiment"
 READY_S = 60.0  # per process, from start to its maddrs file
 PEERS_GRACE_S = 60.0  # a stopped peer: its last round's end, checkpoint, summary, DHT shutdown
-MONITOR_GRACE_S = 20.0  # the monitor: its last windows, then the W&B run's flush
+MONITOR_GRACE_S = 20.0
+LOSS_TAIL = 10  # the end-of-run table's training loss: the mean over each replica's last steps  # the monitor: its last windows, then the W&B run's flush
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,16 +184,37 @@ class LocalRun:
             print(f"{PROG}: killed {len(killed)} leftover process(es)", flush=True)
 
 
-def summary_table(run_dir: Path) -> str:
-    rows = []
+def summary_table(run_dir: Path, wall_s: float | None = None) -> str:
+    """The end of a run, per stage: peers, inner steps, tokens, tokens/s, rounds, whether the replicas ended on one
+    model, the training loss over the last steps (one replica's last step is noise); then the final validation loss
+    and where the results are."""
+    by_stage: dict[int, list[dict]] = {}
     for path in sorted(glob.glob(str(run_dir / "stage*_peer*.json"))):
         s = json.loads(Path(path).read_text())
-        loss = f"{s['loss_curve'][-1][1]:.4f}" if s["loss_curve"] else "-"
-        sync = s.get("sync", {})
-        rows.append(f"{Path(path).stem:<16} steps {s['inner_steps']:>5}  samples {s['samples']:>7}  "
-                    f"tok/s {s['tokens_per_s']:>8,.0f}  last loss {loss:>7}  retries {s['retries']}  "
-                    f"{sync.get('mode', '-')} rounds {len(sync.get('rounds', []))}  global {sync.get('global_hash', '-')}")
-    return "\n".join(rows) if rows else "no peer summaries written"
+        by_stage.setdefault(s["stage"], []).append(s)
+    if not by_stage:
+        return "no peer summaries written"
+    rows = [f"{'stage':<6}{'peers':>5}{'inner steps':>13}{'tokens':>10}{'tok/s':>9}{'rounds':>8}  {'replicas':<10}"
+            f"train loss (last {LOSS_TAIL} steps)"]
+    for stage, peers in sorted(by_stage.items()):
+        steps = sorted(p["inner_steps"] for p in peers)
+        hashes = {p["sync"].get("global_hash") for p in peers}
+        agree = "-" if peers[0]["sync"].get("mode") == "none" or len(peers) == 1 else \
+            "agree" if len(hashes) == 1 else f"{len(hashes)} models"
+        tail = [loss for p in peers for _, loss in p["loss_curve"][-LOSS_TAIL:]]
+        rows.append(f"{stage:<6}{len(peers):>5}{f'{steps[0]}-{steps[-1]}' if steps[0] != steps[-1] else steps[0]:>13}"
+                    f"{count(sum(p['tokens'] for p in peers)):>10}{sum(p['tokens_per_s'] for p in peers):>9,.0f}"
+                    f"{max(len(p['sync'].get('rounds', [])) for p in peers):>8}  {agree:<10}"
+                    f"{f'{sum(tail) / len(tail):.4f}' if tail else '-'}")
+    finals = [p["eval_curve"][-1] for p in by_stage.get(0, []) if p.get("eval_curve")]
+    if finals:
+        step = max(st for st, _ in finals)
+        val = statistics.median(loss for st, loss in finals if st == step)
+        rows.append(f"validation loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f}) at run step {step:g}, "
+                    f"the median of stage 0's peers")
+    rows.append(f"results in {run_dir}/: stage*_peer*.json (summaries), *.log, monitor.jsonl, wandb/"
+                f"{f'; wall time {duration(wall_s)}' if wall_s else ''}; plot: python scripts/plot_run.py {run_dir}")
+    return "\n".join(rows)
 
 
 def stop_run(run_id: str | None) -> int:
@@ -237,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, _frame):
         run.stop_asked += 1
 
+    started = time.monotonic()
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
@@ -248,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = 1
     finally:
         run.close()
-    print(summary_table(run.dir))
+    print(summary_table(run.dir, time.monotonic() - started))
     print(f"run {args.run_id} {'stopped' if rc == 130 else 'finished'}; summaries in {run.dir}/", flush=True)
     return rc
 

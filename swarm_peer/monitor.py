@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", "--max_seconds", type=float, default=7 * 24 * 3600)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, "monitor")
     check_network_args(args)
     from swarm_peer.records import make_validators, read_stage_records
 

@@ -145,12 +145,35 @@ def start_dht(args, validators, quiet: bool = False):
     return dht
 
 
-def setup_logging(verbose: bool) -> None:
+class _ConsoleFormat(logging.Formatter):
+    """One console format for this program's lines and hivemind's: `[tag] LEVEL message`, like its prints. Without
+    --verbose a library's exception is one line (its type and message), not a traceback: hivemind logs expected
+    failures (a closed stream, a failed matchmaking attempt) with their tracebacks."""
+
+    def __init__(self, tag: str, verbose: bool):
+        super().__init__(f"[{tag}] %(levelname)s %(message)s")
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and not self.verbose and not record.name.startswith("swarm_peer"):
+            exc = record.exc_info[1]
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
+                                            "msg": f"{record.getMessage()} ({type(exc).__name__}: {exc})", "args": ()})
+        return super().format(record)
+
+
+def setup_logging(verbose: bool, tag: str = "swarm_peer") -> None:
     level = "INFO" if verbose else "WARNING"
     os.environ.setdefault("HIVEMIND_LOGLEVEL", level)
     os.environ.setdefault("GOLOG_LOG_LEVEL", "error")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, stream=sys.stdout)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_ConsoleFormat(tag, verbose))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     log.setLevel(logging.INFO)
+    from hivemind.utils import logging as hivemind_logging  # reads HIVEMIND_LOGLEVEL: after it is set
+
+    hivemind_logging.use_hivemind_log_handler("nowhere")  # its lines go through the handler above
+    logging.getLogger("hivemind").setLevel(os.environ["HIVEMIND_LOGLEVEL"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         raise _fail(f"--stage {args.stage}: must be in 0..{cfg.swarm.num_stages - 1} (swarm.num_stages)")
     if args.client_mode and args.stage != 0:
         raise _fail(f"--client-mode: stage {args.stage} peers must accept connections from stage {args.stage - 1}")
-    setup_logging(args.verbose)  # before anything imports hivemind: it reads HIVEMIND_LOGLEVEL at import
+    setup_logging(args.verbose, f"stage {args.stage}")  # before anything imports hivemind: it reads HIVEMIND_LOGLEVEL at import
     check_network_args(args)
     shard = (0, 1)
     if args.data_shard is not None:

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.max_new_tokens <= 100_000:
         raise _fail("--max-new-tokens must be in 1..100000")
     cfg = config_from_args(args)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, "sample")
     check_network_args(args)
     from hivemind.p2p import PeerID
 

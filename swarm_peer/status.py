@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: status needs --initial-peers of a running swarm", file=sys.stderr)
         return 2
     cfg = config_from_args(args)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, "status")
     check_network_args(args)
     from swarm_peer.records import make_validators
 

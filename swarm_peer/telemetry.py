@@ -15,6 +15,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from swarm_peer.memory import FootprintPeak
+from swarm_peer.progress import count, eta
 from swarm_peer.records import EVAL_HISTORY, MAX_DELIVERED_PEERS, MetricRecord, store_metric_record
 
 log = logging.getLogger("swarm_peer")
@@ -99,22 +100,41 @@ class PeerTelemetry:
             log.warning(f"could not publish metrics: {e}")
 
     async def progress_loop(self, every: float = 5.0) -> None:
-        """One line per interval: stage, step, loss, tokens/s, round, next-stage peers."""
+        """One line per interval: where the run is (run step of the total, ETA), loss, validation loss, tokens/s,
+        tokens so far, round; or what the peer is waiting for."""
         w = self.worker
         last_t, last_samples = time.monotonic(), 0
+        clocks = [(last_t, float(w.trainer.clock))]  # (time, run clock) over the last minute: the ETA's rate
         while True:
             await asyncio.sleep(every)
             await asyncio.get_running_loop().run_in_executor(None, self.footprint.sample)
             now, samples = time.monotonic(), w.trainer.samples_stepped
             rate = (samples - last_samples) * w.cfg.data.seq_len / max(now - last_t, 1e-6)
-            loss = f" | loss {w.loss_curve[-1][1]:.4f}" if w.loss_curve else ""
-            val = f" | val {self.eval_loss:.4f}" if self.eval_loss is not None else ""
-            rnd = f" | round {w.sync.progress.round}" if w.sync.mode != "none" else ""
-            nxt = "" if w.spec.is_last else f" | next-stage peers {len(w.router.live())}"
-            run = f" | run step {int(w.trainer.clock)}/{w.cfg.run.max_steps}"  # the lr schedule's position
-            print(f"[stage {w.stage}] step {w.trainer.inner_step}{loss}{val}{run} | {rate:,.0f} tok/s{rnd} | "
-                  f"microbatches {w.stats['microbatches']}{nxt}", flush=True)
+            clocks = [c for c in clocks if now - c[0] <= 60.0][-12:] + [(now, float(w.trainer.clock))]
+            print(f"[stage {w.stage}] {progress_line(w, rate, clocks)}", flush=True)
             last_t, last_samples = now, samples
+
+
+def progress_line(w, tokens_per_s: float, clocks: list[tuple[float, float]]) -> str:
+    total, clock = w.cfg.run.max_steps, min(float(w.trainer.clock), w.cfg.run.max_steps)
+    (t0, c0), (t1, c1) = clocks[0], clocks[-1]
+    speed = (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0  # run steps per second
+    parts = [f"run step {int(clock)}/{total} {clock / max(total, 1):.0%}", eta(clock, total, speed)]
+    if w.loss_curve:
+        parts.append(f"loss {w.loss_curve[-1][1]:.4f}")
+    if w.telemetry.eval_loss is not None:
+        parts.append(f"val {w.telemetry.eval_loss:.4f}")
+    tokens = w.trainer.samples_stepped * w.cfg.data.seq_len
+    parts += [f"{tokens_per_s:,.0f} tok/s", f"{count(tokens)} tokens", f"inner step {w.trainer.inner_step}"]
+    if w.sync.mode != "none":
+        parts.append(f"round {w.sync.progress.round}")
+    if not w.spec.is_last:
+        parts.append(f"next-stage peers {len(w.router.live())}")
+    if not w.spec.is_first and w.stats["microbatches"] == 0:  # say what it waits for, not "step 0" for ever
+        parts.append(f"waiting for stage {w.stage - 1}: " + (f"{w.upstream_online} peer(s) visible, none has sent a "
+                                                             f"microbatch yet" if w.upstream_online else
+                                                             "no peer of it visible yet (is one running?)"))
+    return " | ".join(parts)
 
 
 def _count(counts: dict[str, int], peer_id: str) -> None:

@@ -236,6 +236,9 @@ def test_run_local_experiment_end_to_end(cache_dir):
                 assert any(r["group_size"] == 2 for r in rounds), rounds  # averaged with its stage mate
         assert proc.stdout.count("private swarm: swarm key fingerprint") == 5
         assert "all 4 peers up" in proc.stdout and "finished" in proc.stdout and "[monitor] window" in proc.stdout
+        # the end-of-run table: both stages' replicas on one model, the final validation loss, where results are
+        assert proc.stdout.count("  agree ") == 2 and "validation loss" in proc.stdout and "results in" in proc.stdout
+        assert "Traceback" not in proc.stdout + proc.stderr
         pids = [int(line.split()[0]) for line in (run_dir / "pids").read_text().splitlines()]
         assert len(pids) == 5  # 4 peers + the monitor
         deadline = time.monotonic() + 10  # a peer's reaper (and exited children) may take a moment after it
