@@ -7,6 +7,7 @@ COMMANDS = {  # name -> (module, what it does)
     "status": ("swarm_peer.status", "who serves which stage: per-stage tables, totals, warnings"),
     "sample": ("swarm_peer.sample", "generate text through the live pipeline"),
     "baseline": ("swarm_peer.baseline", "the single-process reference trainer (same model, data and optimizer)"),
+    "export": ("swarm_peer.export", "a run's trained model as a transformers model directory (from its peers' weights)"),
     "keygen": ("swarm_peer.swarm_key", "a new swarm key file for a private swarm"),
 }
 

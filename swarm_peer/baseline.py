@@ -42,7 +42,7 @@ def evaluate(model: StageModel, corpus: Corpus, cfg: Config, device: torch.devic
 
 
 def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: bool = False,
-          save_weights: str | None = None) -> dict:
+          save_weights: str | None = None, export: str | None = None) -> dict:
     torch.manual_seed(cfg.run.seed)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -123,6 +123,11 @@ def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: b
     }
     if save_weights:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, save_weights)
+    if export:  # the format `swarm-peer export` writes for a swarm
+        from swarm_peer.export import write
+
+        write(cfg, {k: v.cpu() for k, v in model.state_dict().items()}, Path(export))
+        log(f"model written to {export}/ (transformers: AutoModelForCausalLM.from_pretrained)")
     if summary_path:
         Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
         Path(summary_path).write_text(json.dumps(summary, indent=1))
@@ -137,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="shorthand for --set run.device=...")
     parser.add_argument("--summary-json", "--summary_json", help="write the JSON summary here")
     parser.add_argument("--save-weights", "--save_weights", help="save the final weights (torch.save) here")
+    parser.add_argument("--export", metavar="DIR", help="write the final model as a transformers model directory")
     parser.add_argument("--wandb-project", "--wandb_project", help="log to this W&B project (offline without a key)")
     parser.add_argument("--wandb-entity", "--wandb_entity")
     parser.add_argument("--wandb-run-name", "--wandb_run_name")
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             wandb_run = open_run(project, args.wandb_entity or cfg.run.wandb_entity,
                                  args.wandb_run_name or cfg.run.wandb_run_name or "baseline",
                                  cfg.model_dump(mode="json"), job_type="baseline")
-        train(cfg, args.summary_json, wandb_run, save_weights=args.save_weights)
+        train(cfg, args.summary_json, wandb_run, save_weights=args.save_weights, export=args.export)
     except ConfigError as e:
         print(f"error: config: {e}", file=sys.stderr)
         return 2

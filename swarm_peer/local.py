@@ -101,7 +101,8 @@ class LocalRun:
         shard = ["--data-shard", f"{index}/{self.args.peers_per_stage}"] if stage == 0 else []
         self._start(name, peer_args(stage, self.args.run_id, maddrs_file=self.dir / f"{name}.maddrs",
                                     config=self.args.config, initial_peers=bootstrap,
-                                    summary_json=self.dir / f"{name}.json", extra=[*shard, *self.peer_extra]),
+                                    summary_json=self.dir / f"{name}.json",
+                                    extra=["--save-weights", str(self.dir / f"{name}.pt"), *shard, *self.peer_extra]),
                     label=f"stage{stage}/peer{index}")
         return name
 
@@ -212,8 +213,9 @@ def summary_table(run_dir: Path, wall_s: float | None = None) -> str:
         val = statistics.median(loss for st, loss in finals if st == step)
         rows.append(f"validation loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f}) at run step {step:g}, "
                     f"the median of stage 0's peers")
-    rows.append(f"results in {run_dir}/: stage*_peer*.json (summaries), *.log, monitor.jsonl, wandb/"
-                f"{f'; wall time {duration(wall_s)}' if wall_s else ''}; plot: python scripts/plot_run.py {run_dir}")
+    rows.append(f"results in {run_dir}/: stage*_peer*.json (summaries), *.pt (weights), *.log, monitor.jsonl, wandb/"
+                f"{f'; wall time {duration(wall_s)}' if wall_s else ''}")
+    rows.append(f"next: python scripts/plot_run.py {run_dir}; swarm-peer export {run_dir} --out {run_dir}/model")
     return "\n".join(rows)
 
 

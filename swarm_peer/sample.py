@@ -1,4 +1,5 @@
-"""`python -m swarm_peer sample --initial-peers … --prompt "…" [--max-new-tokens N]`: generate through the live pipeline.
+"""`python -m swarm_peer sample --initial-peers … --prompt "…" [--max-new-tokens N]`: generate through the live pipeline
+(or, with `--model DIR`, from a model directory `swarm-peer export` wrote, with transformers alone: no swarm).
 
 The prompt's token ids go to a stage-0 peer as an inference request (no gradients, no training window); each stage
 forwards to a next-stage peer of its choosing and the last stage returns the logits at the prompt's last position.
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", "--top_k", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    parser.add_argument("--model", metavar="DIR", help="sample from this exported model directory, not a swarm")
     args = parser.parse_args(argv)
+    if args.model:
+        return sample_exported(args)
     if not args.initial_peers:
         raise _fail("sample needs --initial-peers of a running swarm")
     if not 1 <= args.max_new_tokens <= 100_000:
@@ -96,6 +100,32 @@ def main(argv: list[str] | None = None) -> int:
         loop.stop()
         dht.shutdown()
     print(args.prompt + tokenizer.decode(new), flush=True)
+    return 0
+
+
+def sample_exported(args) -> int:
+    """transformers' generate() on a directory `swarm-peer export` (or `baseline --export`) wrote."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+    except (OSError, ValueError) as e:
+        print(f"error: --model {args.model}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    if ids.numel() == 0:
+        print("error: --prompt is empty after tokenization", file=sys.stderr)
+        return 2
+    positions = model.config.max_position_embeddings  # the context it was trained on: keep within it
+    new_tokens = min(args.max_new_tokens, positions - 1)
+    ids = ids[:, -(positions - new_tokens):]
+    torch.manual_seed(args.seed)
+    greedy = args.temperature <= 0
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=not greedy,
+                         temperature=None if greedy else args.temperature, top_k=None if greedy else args.top_k,
+                         pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    print(tokenizer.decode(out[0], skip_special_tokens=True), flush=True)
     return 0
 
 

@@ -269,8 +269,39 @@ def test_run_local_experiment_end_to_end(cache_dir):
         assert max(row["alive/stage1"] for row in history) == 2
         full = [row for row in history if row["alive"] == 4]
         assert full and all(row["alive/stage0"] == 2 and row["alive/stage1"] == 2 for row in full)
+        _export_round_trip(run_dir)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _export_round_trip(run_dir):
+    """A model to take home: `swarm-peer export` of the run, loaded by transformers alone, computes what the swarm's
+    stages compute, and generates (`swarm-peer sample --model`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swarm_peer.data import ByteTokenizer
+    from swarm_peer.export import full_state, stage_files
+    from swarm_peer.model import build_stage
+
+    out = run_dir / "model"
+    proc = subprocess.run([PYTHON, "-m", "swarm_peer", "export", str(run_dir), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    text = "def main(argv):\n    return 0  # ü"
+    assert tokenizer(text)["input_ids"] == ByteTokenizer().encode(text)
+    cfg, files = stage_files(run_dir)
+    ours = build_stage(cfg, None)
+    ours.load_state_dict(full_state(cfg, files))
+    ours.eval()
+    ids = torch.tensor([ByteTokenizer().encode(text)])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ours(ids), atol=1e-4)
+    sampled = subprocess.run([PYTHON, "-m", "swarm_peer", "sample", "--model", str(out), "--prompt", "def ",
+                              "--max-new-tokens", "16", "--temperature", "0"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert sampled.returncode == 0 and sampled.stdout.startswith("def ") and len(sampled.stdout) > 6, sampled.stderr
 
 
 def test_mismatched_config_peer_is_ignored_with_a_warning(swarm_factory):
