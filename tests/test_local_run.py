@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 
@@ -60,6 +61,9 @@ def test_ctrl_c_keeps_every_summary_and_the_wandb_rows(cache_dir):
         assert len(run_files) == 1
         rows = [row for row in read_history(run_files[0]) if "loss" in row]
         assert rows, out[-3000:]
+        plot = subprocess.run([sys.executable, "scripts/plot_run.py", str(run_dir)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert plot.returncode == 0 and (run_dir / "loss.png").stat().st_size > 10_000, plot.stderr  # plottable
         pids = [int(line.split()[0]) for line in (run_dir / "pids").read_text().splitlines()]
         assert len(pids) == 5 and not any(group_pids(pid) for pid in pids)
         print(f"\nstopped in {stop_s:.1f}s; {len(rows)} W&B rows with a loss")
