@@ -25,7 +25,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -103,32 +102,15 @@ def tcp_bulk(port: int, nbytes: int, seconds: float, max_iters: int = 200) -> di
 
 
 def serve(chunk_sizes: list[int]) -> None:
-    import hivemind
-
-    from swarm_peer.transport import LoopThread, StageServicer
+    from swarm_peer.transport import StageServicer, serve_until_eof
 
     async def handler(metadata, tensors, remote_peer):
         return {}, tensors  # same shape back, like a gradient
 
     # its own process: a thread would wait for the GIL (5 ms switch interval) while the P2P side is busy
     _echo, port = start_echo_server()
-    dht = hivemind.DHT(start=True)
-    loop = LoopThread()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        p2p = loop.run(dht.replicate_p2p(), 30)
-        for codec in CODECS:
-            for chunk in chunk_sizes:
-                servicer = StageServicer(handler, codec, chunk_bytes=chunk)
-                loop.run(servicer.add_p2p_handlers(p2p, namespace=f"bench-{codec}-{chunk}"), 30)
-        print(json.dumps({"maddrs": [str(m) for m in dht.get_visible_maddrs()], "peer_id": str(dht.peer_id),
-                          "tcp_port": port}), flush=True)
-        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-        stop.wait()
-    finally:
-        loop.stop()
-        dht.shutdown()
+    serve_until_eof({f"bench-{codec}-{chunk}": StageServicer(handler, codec, chunk_bytes=chunk)
+                     for codec in CODECS for chunk in chunk_sizes}, {"tcp_port": port})
 
 
 def _interleaved(cases: dict, seconds: float, max_iters: int) -> dict:

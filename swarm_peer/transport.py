@@ -377,3 +377,27 @@ class LoopThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve_until_eof(servicers: dict[str, "StageServicer"], info: Optional[dict] = None) -> None:
+    """A standalone server process (benchmarks, transport tests): a DHT and its P2P serving `servicers` (namespace
+    -> servicer), one JSON line on stdout (peer id, addresses, `info`), then serve until stdin closes or SIGTERM."""
+    import json
+    import signal
+    import sys
+
+    import hivemind
+
+    dht, loop, stop = hivemind.DHT(start=True), LoopThread(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        p2p = loop.run(dht.replicate_p2p(), 30)
+        for namespace, servicer in servicers.items():
+            loop.run(servicer.add_p2p_handlers(p2p, namespace=namespace), 30)
+        print(json.dumps({"peer_id": str(dht.peer_id), "maddrs": [str(m) for m in dht.get_visible_maddrs()],
+                          **(info or {})}), flush=True)
+        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()  # EOF = stop
+        stop.wait()
+    finally:
+        loop.stop()
+        dht.shutdown()

@@ -10,7 +10,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,9 +26,7 @@ REQUEST_TIMEOUT = 3.0  # servers give up on a request stream that stalls this lo
 
 # ------------------------------------------------------------------------------------------------- server process
 def _serve() -> None:
-    import hivemind
-
-    from swarm_peer.transport import Busy, LoopThread, StageServicer
+    from swarm_peer.transport import Busy, StageServicer, serve_until_eof
 
     async def handler(metadata, tensors, remote_peer):
         op = metadata.get("op", "echo")
@@ -47,23 +44,9 @@ def _serve() -> None:
             tensors = [2 * t if t.is_floating_point() else t for t in tensors]
         return {"op": op, "dtypes": [str(t.dtype) for t in tensors], "peer": str(remote_peer)}, tensors
 
-    dht = hivemind.DHT(start=True)
-    loop = LoopThread()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        p2p = loop.run(dht.replicate_p2p(), 30)
-        for codec in CODECS:  # one namespace per reply codec
-            servicer = StageServicer(handler, codec, max_request_bytes=SERVER_MAX_BYTES,
-                                     request_timeout=REQUEST_TIMEOUT)
-            loop.run(servicer.add_p2p_handlers(p2p, namespace=f"{NAMESPACE}-{codec}"), 30)
-        print(json.dumps({"peer_id": str(dht.peer_id), "maddrs": [str(m) for m in dht.get_visible_maddrs()]}),
-              flush=True)
-        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()  # EOF = stop
-        stop.wait()
-    finally:
-        loop.stop()
-        dht.shutdown()
+    serve_until_eof({f"{NAMESPACE}-{codec}": StageServicer(handler, codec, max_request_bytes=SERVER_MAX_BYTES,
+                                                           request_timeout=REQUEST_TIMEOUT)
+                     for codec in CODECS})  # one namespace per reply codec
 
 
 class Server:
