@@ -56,7 +56,13 @@ def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: b
     sampler = ShardSampler(corpus.train, cfg.data.microbatch_size, cfg.run.seed)
     accum = cfg.data.batch_size // cfg.data.microbatch_size
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    bar = None
+    if not quiet and sys.stdout.isatty():  # a terminal: a live bar (tqdm), the periodic lines printed above it
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.run.max_steps, unit="step", dynamic_ncols=True, file=sys.stdout)
+    log = (lambda *a: None) if quiet else (lambda *a: bar.write(" ".join(map(str, a))) if bar is not None else
+                                           print(*a, flush=True))
     log(f"baseline: {count_parameters(model):,} parameters, {len(corpus.train):,} train / {len(corpus.val):,} val "
         f"sequences of {cfg.data.seq_len}, batch {cfg.data.batch_size} x {accum} microbatches, device {device}")
 
@@ -82,6 +88,9 @@ def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: b
         if not math.isfinite(step_loss):
             raise RuntimeError(f"training loss became {step_loss} at step {step + 1}")
         train_curve.append([step + 1, step_loss])
+        if bar is not None:
+            bar.set_postfix(loss=f"{step_loss:.4f}", tokens=count((step + 1) * tokens_per_step), refresh=False)
+            bar.update(1)
         window_tokens += tokens_per_step
         record = {"train/loss": step_loss, "train/lr": sched.get_last_lr()[0], "train/tokens": (step + 1) * tokens_per_step}
         if (step + 1) % cfg.run.log_interval == 0 or step + 1 == cfg.run.max_steps:
@@ -100,6 +109,8 @@ def train(cfg: Config, summary_path: str | None = None, wandb_run=None, quiet: b
         if wandb_run is not None:
             wandb_run.log(record, step=step + 1)
     wall = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
 
     final_val = val_curve[-1][1]
     summary = {
