@@ -37,20 +37,29 @@ class StageServer:
 
     def servicer(self) -> StageServicer:
         return StageServicer(self.handle, reply_codec=self.cfg.swarm.compression.backward,
-                             request_timeout=self.cfg.swarm.request_timeout, swarm_key=self.swarm_key)
+                             request_timeout=self.cfg.swarm.request_timeout, swarm_key=self.swarm_key,
+                             precheck=self.refuse_if_busy)
 
-    async def handle(self, meta: dict, tensors: list, remote) -> tuple[dict, list]:
+    def refuse_if_busy(self, meta: dict) -> None:
+        """Backpressure (Busy: the sender reroutes), decided from what the peer is doing now. The servicer asks it
+        from the request's metadata, before the tensors are uploaded, and `handle` again once they are (the peer may
+        have started a round meanwhile)."""
         state = self._state()
         if state != "online":
             raise Busy(f"peer is {state}")
+        if self.spec.is_first:  # stage 0 serves only inference requests (eval, sample)
+            return
+        if self.window.waiting + self.window.pending >= 2 * self.cfg.swarm.max_inflight:
+            raise Busy("queue full")
+        if self._syncing():
+            raise Busy("synchronizing with stage peers")
+
+    async def handle(self, meta: dict, tensors: list, remote) -> tuple[dict, list]:
+        self.refuse_if_busy(meta)
         if self.spec.is_first:
             ids, labels = validate_token_request(meta, tensors, self.shape)
             return await self.handle_inference(meta, ids, labels)
         samples, hidden, labels = validate_hidden_request(meta, tensors, self.shape)
-        if self.window.waiting + self.window.pending >= 2 * self.cfg.swarm.max_inflight:
-            raise Busy("queue full")  # backpressure: the sender reroutes
-        if self._syncing():
-            raise Busy("synchronizing with stage peers")
         if meta.get("eval") or "sample" in meta:
             return await self.handle_inference(meta, hidden, labels)
         await self.window.admit(samples, rejectable=True)

@@ -125,7 +125,8 @@ def progress_line(w, tokens_per_s: float, clocks: list[tuple[float, float]]) -> 
     if w.telemetry.eval_loss is not None:
         parts.append(f"val {w.telemetry.eval_loss:.4f}")
     tokens = w.trainer.samples_stepped * w.cfg.data.seq_len
-    parts += [f"{tokens_per_s:,.0f} tok/s", f"{count(tokens)} tokens", f"inner step {w.trainer.inner_step}"]
+    parts += [f"{tokens_per_s:,.0f} tok/s", f"{count(tokens)} tokens", f"inner step {w.trainer.inner_step}",
+              f"microbatches {w.stats['microbatches']}"]
     if w.sync.mode != "none":
         parts.append(f"round {w.sync.progress.round}")
     if not w.spec.is_last:

@@ -243,10 +243,12 @@ class StageServicer(ServicerBase):
     def __init__(self, handler: Handler, reply_codec: str = "none", *, max_request_bytes: int = MAX_REQUEST_BYTES,
                  max_tensors: int = MAX_TENSORS, max_metadata_bytes: int = MAX_METADATA_BYTES,
                  request_timeout: float = 120.0, chunk_bytes: int = CHUNK_BYTES, stats: TransportStats = STATS,
-                 swarm_key: Optional[SwarmKey] = None):
+                 swarm_key: Optional[SwarmKey] = None, precheck: Optional[Callable[[dict], None]] = None):
+        """`precheck(metadata)`: may raise (Busy: backpressure) from the request's metadata alone, before any tensor
+        bytes are read: the caller hangs up on the early reply, so a refused request is not uploaded whole."""
         encode(torch.zeros(1), reply_codec)  # validates the codec name now
         self.handler, self.reply_codec, self.chunk_bytes, self.stats = handler, reply_codec, chunk_bytes, stats
-        self.swarm_key = swarm_key
+        self.swarm_key, self.precheck = swarm_key, precheck
         self.limits = Limits(max_request_bytes, max_tensors, max_metadata_bytes)
         self.request_timeout = request_timeout
 
@@ -265,6 +267,8 @@ class StageServicer(ServicerBase):
                     if error:
                         self.stats.add(unauthorized=1)
                         raise ProtocolError(error)
+                    if self.precheck is not None:
+                        self.precheck(metadata)
 
                 metadata, tensors = await asyncio.wait_for(
                     _receive(requests, self.limits, self.stats, admit=admit), self.request_timeout)

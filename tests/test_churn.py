@@ -18,7 +18,7 @@ PHASE_BUDGET_S = 240  # the kill phase never runs longer than this
 SETTLE_S = 90  # after it, for the last replacements to come up
 ROUND_RE = re.compile(r"round (\d+) -> \d+: group (\d+), (ok|NOT agreed) .* weights ([0-9a-f]+)")
 GROUP_OK_RE = re.compile(r"group [2-9]\d*, ok")
-LOSS_RE = re.compile(r"\] step \d+ \| loss ([0-9.]+)")
+LOSS_RE = re.compile(r"\] run step \d+/\d+ \d+% \| ETA [^|]+\| loss ([0-9.]+)")  # the progress line
 
 
 def _serving(swarm, name) -> bool:

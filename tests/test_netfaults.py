@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 CUT_S = 12
 UPSTREAM_TIMEOUT = 20
-STEP_RE = re.compile(r"\] step (\d+)")
+STEP_RE = re.compile(r"\| inner step (\d+)")  # the progress line
 MICROBATCHES_RE = re.compile(r"microbatches (\d+)")
 
 

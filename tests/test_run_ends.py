@@ -63,7 +63,7 @@ def test_stage0_leaves_when_its_next_stage_is_gone_for_good(swarm_factory):
     swarm.wait_ready("s1")
     swarm.start("s0", 0, "--max-steps", "100000")
     deadline = time.monotonic() + 120
-    while not re.search(r"\] step [1-9]\d* \|", swarm.log("s0")):  # it trains: stage 1 was there
+    while not re.search(r"\| inner step [1-9]\d* \|", swarm.log("s0")):  # it trains: stage 1 was there
         assert time.monotonic() < deadline and swarm.procs["s0"].poll() is None, swarm.log("s0")[-3000:]
         time.sleep(0.3)
     swarm.kill("s1")  # the whole stage is gone, without a word

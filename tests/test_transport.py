@@ -44,8 +44,12 @@ def _serve() -> None:
             tensors = [2 * t if t.is_floating_point() else t for t in tensors]
         return {"op": op, "dtypes": [str(t.dtype) for t in tensors], "peer": str(remote_peer)}, tensors
 
+    def precheck(metadata):  # backpressure from the metadata alone, before the tensors are read
+        if metadata.get("op") == "busy_early":
+            raise Busy("synchronizing")
+
     serve_until_eof({f"{NAMESPACE}-{codec}": StageServicer(handler, codec, max_request_bytes=SERVER_MAX_BYTES,
-                                                           request_timeout=REQUEST_TIMEOUT)
+                                                           request_timeout=REQUEST_TIMEOUT, precheck=precheck)
                      for codec in CODECS})  # one namespace per reply codec
 
 
@@ -228,6 +232,23 @@ def test_handler_error_is_remote_error_and_backpressure_is_typed(client, servers
     assert not isinstance(says_busy.value, Busy)
     with pytest.raises(RemoteError, match="handler must return"):
         _call(client, servers[0], {"op": "bad_reply"}, [])
+    _assert_alive(client, servers[0])
+
+
+def test_busy_before_upload_saves_the_upload(client, servers):
+    """A refusal the servicer can make from the metadata comes before the tensors are uploaded: the caller hangs up
+    on it. Before: `busy` came after the whole request had been read (at GPT-2-small size, 25 MiB per microbatch)."""
+    from swarm_peer.transport import Busy, TransportStats
+
+    x = torch.randn(5 << 20)  # 20 MiB of fp32 (the test server takes up to 24 MiB)
+    late, early = TransportStats(), TransportStats()
+    with pytest.raises(Busy):  # refused by the handler, after the upload
+        _call(client, servers[0], {"op": "busy"}, [x], timeout=30, stats=late)
+    with pytest.raises(Busy, match="synchronizing"):
+        _call(client, servers[0], {"op": "busy_early"}, [x], timeout=30, stats=early)
+    sent_late, sent_early = late.snapshot()["bytes_sent"], early.snapshot()["bytes_sent"]
+    assert sent_late >= x.numel() * 4 and sent_early < sent_late / 4, (sent_early, sent_late)
+    print(f"\nbusy before upload: {sent_early / 2**20:.2f} MiB uploaded, after upload: {sent_late / 2**20:.2f} MiB")
     _assert_alive(client, servers[0])
 
 

@@ -89,8 +89,8 @@ class Bench:
         if procs.procs[name].returncode != 0:
             raise RuntimeError(f"{name} failed:\n{procs.tail(name)}")
         summary = json.loads(base_json.read_text())
-        # its "step k/N | ... tok/s" lines (every run.log_interval steps), time-stamped as they arrived
-        points = progress_steps(procs.lines[name], r"step\s+(\d+)/\d+ \|")
+        # its "step k/N  x% | ... tok/s" lines (every run.log_interval steps), time-stamped as they arrived
+        points = progress_steps(procs.lines[name], r"step\s+(\d+)/\d+ ")
         lo = next(p for p in points if p[1] >= 0.2 * steps)
         hi = next(p for p in points if p[1] >= 0.9 * steps)
         tokens = (hi[1] - lo[1]) * self.cfg.data.batch_size * self.cfg.data.seq_len
