@@ -83,10 +83,9 @@ class LocalRun:
         self.args, self.dir = args, Path("runs") / args.run_id
         self.launcher = Launcher(self.dir, echo=True)
         self.stop_asked = 0  # signals received (a second one kills at once)
-        common = ["--config", args.config, "--set", f"swarm.num_stages={args.stages}", "--set", "run.threads=1"]
         self.key = ["--swarm-key-file", str(self.dir / "swarm.key")] if args.private else []
-        self.peer_extra = [*common[2:], *self.key, *(["--max-steps", str(args.max_steps)] if args.max_steps else []),
-                           *args.extra]
+        self.peer_extra = ["--set", f"swarm.num_stages={args.stages}", "--set", "run.threads=1", *self.key,
+                           *(["--max-steps", str(args.max_steps)] if args.max_steps else []), *args.extra]
         # the monitor takes the config and the peers' --set overrides, not their other options
         sets = [a for i, a in enumerate(args.extra) if i and args.extra[i - 1] == "--set"]
         self.monitor_sets = [f"swarm.num_stages={args.stages}", *sets]
