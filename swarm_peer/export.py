@@ -123,6 +123,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def write(cfg: Config, state: dict[str, torch.Tensor], out: Path) -> None:
     """`out`: a directory AutoModelForCausalLM and AutoTokenizer load."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line per command, not a bar per shard
     model = to_transformers(cfg, state)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 def sample_exported(args) -> int:
     """transformers' generate() on a directory `swarm-peer export` (or `baseline --export`) wrote."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
