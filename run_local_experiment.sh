@@ -3,7 +3,7 @@
 # logs and summaries under runs/<id>/ (swarm_peer/local.py; --help for the options).
 #
 #   ./run_local_experiment.sh [-s STAGES] [-p PEERS_PER_STAGE] [-c CONFIG] [--run-id ID] [--max-steps N]
-#                             [--timeout SECONDS] [--wandb-project P] [--no-monitor] [--private]
+#                             [--timeout SECONDS] [--wandb-project P] [--no-monitor] [--private] [--checkpoints]
 #                             [-- extra args for every peer]
 #   ./run_local_experiment.sh stop [RUN_ID]          # stop a running experiment (default: the latest)
 set -euo pipefail

@@ -2,14 +2,14 @@
 plus a monitor peer, one merged console, every process's log and summary under runs/<id>/.
 
     ./run_local_experiment.sh [-s STAGES] [-p PEERS_PER_STAGE] [-c CONFIG] [--run-id ID] [--max-steps N]
-                              [--timeout SECONDS] [--wandb-project P] [--no-monitor] [--private]
+                              [--timeout SECONDS] [--wandb-project P] [--no-monitor] [--private] [--checkpoints]
                               [-- extra args for every peer]
     ./run_local_experiment.sh stop [RUN_ID]          # stop a running experiment (default: the latest)
 
 The monitor starts first (the swarm's bootstrap) and logs the global loss to W&B (offline without an API key, files
 under runs/<id>/wandb). --private: a new swarm key in runs/<id>/swarm.key for every process. Env defaults: N_STAGES,
 PEERS_PER_STAGE, CONFIG, WANDB_PROJECT. Ctrl-C (or `stop`, or --timeout) asks every peer to finish: each writes its
-summary (and checkpoint, with --checkpoint-dir), then the monitor closes its W&B run. Exits non-zero if any peer
+summary and final weights (and checkpoint, with --checkpoints), then the monitor closes its W&B run. Exits non-zero if any peer
 failed, 130 when stopped.
 """
 from __future__ import annotations
@@ -63,6 +63,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--wandb-project", default=os.environ.get("WANDB_PROJECT", "swarm_peer"))
     p.add_argument("--no-monitor", action="store_true")
     p.add_argument("--private", action="store_true")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="every peer checkpoints to runs/<id>/ckpt/<peer>/ (every run.checkpoint_interval s and on exit, "
+                        "Ctrl-C included); a peer started again with that --checkpoint-dir resumes")
     args = p.parse_args(argv)
     args.extra = extra
     if args.stages < 2:
@@ -98,10 +101,12 @@ class LocalRun:
     def _start_peer(self, stage: int, index: int, bootstrap: str | None) -> str:
         name = f"stage{stage}_peer{index}"
         shard = ["--data-shard", f"{index}/{self.args.peers_per_stage}"] if stage == 0 else []
+        ckpt = ["--checkpoint-dir", str(self.dir / "ckpt" / name)] if self.args.checkpoints else []
         self._start(name, peer_args(stage, self.args.run_id, maddrs_file=self.dir / f"{name}.maddrs",
                                     config=self.args.config, initial_peers=bootstrap,
                                     summary_json=self.dir / f"{name}.json",
-                                    extra=["--save-weights", str(self.dir / f"{name}.pt"), *shard, *self.peer_extra]),
+                                    extra=["--save-weights", str(self.dir / f"{name}.pt"), *shard, *ckpt,
+                                           *self.peer_extra]),
                     label=f"stage{stage}/peer{index}")
         return name
 

@@ -31,7 +31,7 @@ def test_ctrl_c_keeps_every_summary_and_the_wandb_rows(cache_dir):
     try:
         # its own session, as a shell's foreground job: Ctrl-C is a SIGINT to that whole process group
         proc = subprocess.Popen(["bash", "run_local_experiment.sh", "--run-id", run_id, "--max-steps", "100000",
-                                 "--wandb-project", "pytest", "--", *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                                 "--wandb-project", "pytest", "--checkpoints", "--", *extra], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                 env={**os.environ, "WANDB_MODE": "offline"})
         lines, deadline = [], time.monotonic() + 180
@@ -56,6 +56,8 @@ def test_ctrl_c_keeps_every_summary_and_the_wandb_rows(cache_dir):
                 summary = json.loads((run_dir / f"stage{s}_peer{p}.json").read_text())
                 assert summary["state"] == "offline" and summary["inner_steps"] > 0, summary["state"]
                 assert f"[stage{s}/peer{p}] [stage {s}] done:" in out
+                assert (run_dir / f"stage{s}_peer{p}.pt").exists()  # its final weights
+                assert (run_dir / "ckpt" / f"stage{s}_peer{p}" / f"stage{s}.ckpt").exists()  # and a checkpoint
         assert "no peer summaries written" not in out and "train loss (last" in out  # the end-of-run table
         run_files = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
         assert len(run_files) == 1
