@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -96,29 +97,15 @@ def byte_tokenizer():
     byte-to-unicode alphabet, no merges), 256 = end of document."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_char = {b: c for b, c in _bytes_to_unicode().items()}
-    assert set(byte_char.values()) == set(alphabet)
+    byte_char = bytes_to_unicode()  # GPT-2's reversible byte -> printable character map (ByteLevel's alphabet)
     vocab = {byte_char[b]: b for b in range(256)}
     vocab["<|endoftext|>"] = 256
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (the ByteLevel pre-tokenizer's alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
 
 
 def write(cfg: Config, state: dict[str, torch.Tensor], out: Path) -> None:
@@ -133,8 +120,6 @@ def write(cfg: Config, state: dict[str, torch.Tensor], out: Path) -> None:
         byte_tokenizer().save_pretrained(out)
     else:
         from transformers import AutoTokenizer
-
-        import os
 
         AutoTokenizer.from_pretrained(cfg.data.tokenizer, local_files_only=os.path.isdir(cfg.data.tokenizer)) \
             .save_pretrained(out)

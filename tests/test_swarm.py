@@ -216,7 +216,7 @@ def test_run_local_experiment_end_to_end(cache_dir):
 
     run_id = f"pytest-{uuid.uuid4().hex[:8]}"
     extra = []
-    for o in [*FAST, f"data.cache_dir={cache_dir}", "run.metrics_period=2", "swarm.sync_every=5",
+    for o in [*FAST, f"data.cache_dir={cache_dir}", "run.metrics_period=1", "swarm.sync_every=5",
               "run.eval_interval=10", "optim.inner.lr=3e-3"]:
         extra += ["--set", o]
     run_dir = ROOT / "runs" / run_id
