@@ -118,7 +118,7 @@ class Forwarder:
 
 
 def _candidate(rec: StageRecord) -> Candidate:
-    return Candidate(rec.peer_id, rec.queue, rec.inflight, rec.max_inflight, rec.throughput, rec.syncing)
+    return Candidate(rec.peer_id, rec.queue, rec.inflight, rec.max_inflight, rec.throughput, rec.paused)
 
 
 def reply_ok(meta: dict, out: list, hidden: torch.Tensor, vocab: int) -> bool:

@@ -1,7 +1,8 @@
 """What a peer's stage needs in memory, known before anything is allocated, and whether this machine has it.
 
 The state a mode needs, in fp32 (4 bytes a value) per stage parameter: weights + gradients + AdamW's two moments
-(16 B); DiLoCo adds the global copy and the outer momentum (8 B, on the CPU); both sync modes the averager's
+(16 B); DiLoCo adds the global copy and the outer momentum (8 B, on the CPU; 12 B with overlapped rounds, whose
+contribution is taken from a snapshot of the local weights); both sync modes the averager's
 shared input buffer (4 B; 2 B under DiLoCo with the fp16 averaging codec, sync_rules.averaging_buffer_dtype).
 Activations: what autograd
 keeps per microbatch in flight, measured at GPT-2 small's shape (CPU, fp32, SDPA attention): ~36 fp32 values per
@@ -38,7 +39,7 @@ class MemoryEstimate:
     weights: int
     gradients: int
     inner_optimizer: int
-    outer_state: int  # DiLoCo's global copy + momentum (always on the CPU)
+    outer_state: int  # DiLoCo's global copy + momentum (+ overlapped rounds' snapshot), always on the CPU
     averaging_buffers: int  # the averager's input buffers (CPU)
     activations: int  # `swarm.max_inflight` microbatches
     runtime: int = RUNTIME_BYTES
@@ -72,7 +73,8 @@ def estimate(cfg: Config, stage: int) -> MemoryEstimate:
         per_microbatch += 2 * 4 * tokens * hf.vocab_size  # logits and their log-softmax
     mode = cfg.swarm.sync_mode
     return MemoryEstimate(weights=4 * n, gradients=4 * n, inner_optimizer=8 * n,
-                          outer_state=8 * n if mode == "diloco" else 0,
+                          # + the local snapshot an overlapped round contributes from
+                          outer_state=(12 if cfg.swarm.overlap_rounds else 8) * n if mode == "diloco" else 0,
                           averaging_buffers=0 if mode == "none" else n * averaging_buffer_dtype(
                               mode, cfg.swarm.compression.averaging).itemsize,
                           activations=cfg.swarm.max_inflight * per_microbatch)

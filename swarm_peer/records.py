@@ -55,6 +55,7 @@ class StageRecord(pydantic.BaseModel):
     round_steps: pydantic.conint(strict=True, ge=0)
     round_samples: pydantic.conint(strict=True, ge=0)
     syncing: pydantic.StrictBool
+    paused: pydantic.StrictBool = False  # admits no training request now (a round that is not overlapped)
     global_hash: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")
     round_ok: pydantic.StrictBool
     address: pydantic.constr(strict=True, max_length=256)  # a multiaddr to reach it (status tables)

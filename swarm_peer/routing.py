@@ -25,7 +25,7 @@ class Candidate:
     inflight: int = 0
     max_inflight: int = 1
     throughput: float = 0.0  # samples/s published by the peer; 0 = not measured yet
-    syncing: bool = False  # averaging with its stage now: answers "busy" until done
+    paused: bool = False  # in a same-stage round that pauses training: answers "busy" until done
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Router:
 
     def weights(self) -> dict[str, float]:
         live = self.live()
-        ready = [p for p in live if not self.candidates[p].syncing] or live  # syncing peers only if all are
+        ready = [p for p in live if not self.candidates[p].paused] or live  # paused peers only if all are
         return {p: 1.0 / max(self.expected_time(p), 1e-6) for p in ready}
 
     def choose(self) -> str | None:

@@ -83,7 +83,7 @@ class StageWorker:
             cfg, stage, dht, p2p, run_id, self.trainer.model.hf.vocab_size, self.stats, self.warned_peers, stopping,
             self.telemetry.on_delivered, swarm_key)
         self.server = StageServer(cfg, self.spec, self.trainer, self.compute, self.window, self.forwarder,
-                                  self.telemetry, lambda: self.state, lambda: self.sync.progress.syncing,
+                                  self.telemetry, lambda: self.state, lambda: self.sync.paused,
                                   self._trained, swarm_key)
         self.driver = Driver(cfg, self.spec, self.peer_id, self.trainer, self.compute, self.window, self.forwarder,
                              sampler, list(val_batches), self.telemetry, self.stats, self._trained,
@@ -120,6 +120,7 @@ class StageWorker:
             inner_step=self.trainer.inner_step, samples=self.trainer.samples_stepped, clock=float(min(self.trainer.clock, 2**31)),
             round=self.sync.progress.round, round_steps=self.sync.progress.round_steps,
             round_samples=self.sync.progress.round_samples, syncing=self.sync.progress.syncing,
+            paused=self.sync.paused,
             global_hash=self.sync.progress.global_hash, round_ok=self.sync.progress.round_ok, address=self.address)
 
     async def _in_thread(self, fn, *args):

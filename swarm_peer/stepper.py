@@ -41,6 +41,7 @@ class Phase(str, Enum):
 
 
 class Action(Enum):
+    LAND = "land"  # an overlapped round's update reaches the local weights (waiting for the round when it must)
     OUTER_ROUND = "outer round"
     RECOVER = "recover"
     CHECKPOINT = "checkpoint"
@@ -58,12 +59,20 @@ class AfterStep:
     disagrees: bool  # our weights differ from the stage majority's, and a retry is due
     checkpoint_due: bool
     done: frozenset = frozenset()  # the actions already taken after this step
+    round_running: bool = False  # an overlapped round is running in the background
+    round_landed: bool = False  # ... and has ended: its update waits for this step
+    callers_wait: bool = False  # a caller waits for a round (end of training)
 
 
 def next_action(f: AfterStep) -> Action:
-    """One action at a time, each at most once per step, in this order: the outer round (whose outcome may be that
-    this peer is behind), the recovery, the checkpoint (of what the first two left), then reopening."""
-    if f.outer_rounds and not f.stopping and (f.round_due or f.round_asked) and Action.OUTER_ROUND not in f.done:
+    """One action at a time, each at most once per step, in this order: landing an overlapped round (waited for when
+    a caller, a recovery or a checkpoint needs the stage state settled), the outer round (whose outcome may be that
+    this peer is behind), the recovery, the checkpoint (of what the first three left), then reopening."""
+    if Action.LAND not in f.done and (f.round_landed or f.round_running and (
+            f.callers_wait or f.behind or f.disagrees or f.checkpoint_due)):
+        return Action.LAND
+    if f.outer_rounds and not f.stopping and not f.round_running and (f.round_due or f.round_asked) and \
+            Action.OUTER_ROUND not in f.done:
         return Action.OUTER_ROUND
     if (f.behind or f.disagrees) and Action.RECOVER not in f.done:
         return Action.RECOVER
@@ -87,6 +96,7 @@ class Stepper:
         self._recover_wanted = False  # a round found this peer behind its stage
         self._retry_recovery_at, self._recovery_backoff = 0, 1  # after giving up: try again 1, 2, 4 ... 16 rounds later
         self._recovering = asyncio.Lock()
+        self._overlapped: asyncio.Task | None = None  # an overlapped outer round (sync.run_round) in the background
         self.loss_curve: list[list[float]] = []  # [inner step, mean loss of the microbatches of that step]
         self._step_losses: list[float] = []
 
@@ -114,15 +124,24 @@ class Stepper:
 
     def _after_step(self, waiters: list, done: set) -> AfterStep:
         outer = self.sync.strategy.outer_rounds
+        running = self._overlapped is not None
         return AfterStep(outer_rounds=outer, round_due=outer and self.sync.due(),
                          round_asked=bool(waiters) and outer and self.sync.unmerged_work(),
                          stopping=self._stopping(), behind=self._recover_wanted, disagrees=self.disagrees(),
-                         checkpoint_due=self._checkpoint_due(), done=frozenset(done))
+                         checkpoint_due=self._checkpoint_due(), done=frozenset(done), round_running=running,
+                         round_landed=running and self._overlapped.done(), callers_wait=bool(waiters))
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._overlapped is not None:
+                self._overlapped.cancel()
+
+    async def _run(self) -> None:
         while True:
             await self.window.wait_full()
             if self.phase in (Phase.TRAINING, Phase.IDLE) and self.window.closed_early_at is not None:
@@ -159,9 +178,10 @@ class Stepper:
             done: set[Action] = set()
             while (action := next_action(self._after_step(waiters, done))) is not Action.REOPEN:
                 done.add(action)
-                if action is Action.OUTER_ROUND:
-                    self.enter(Phase.AVERAGING)
-                    await self._round()
+                if action is Action.LAND:
+                    await self._land()
+                elif action is Action.OUTER_ROUND:
+                    await self._round(overlap=self.sync.overlaps and not waiters and not self.idle)
                 elif action is Action.RECOVER:
                     self.enter(Phase.RECOVERING)
                     await self.recover(behind=self._recover_wanted)
@@ -183,17 +203,43 @@ class Stepper:
         stepper acts once in-flight microbatches drain."""
         while running():
             await self._in_thread(self._refresh)
-            if not self.sync.progress.syncing and (self.sync.due() or self.disagrees()):
+            # an overlapped round needs no early close: it starts at the next step (an idle or empty window has none)
+            early = not self.sync.overlaps or self.idle or self.window.admitted == 0
+            if not self.sync.progress.syncing and (self.sync.due() and early or self.disagrees()):
                 self.window.close()
             await asyncio.sleep(max(0.5, self.cfg.swarm.announce_period / 2))
 
-    async def _round(self) -> None:
+    async def _round(self, overlap: bool) -> None:
+        """Overlapped: fix what the round averages, start it in the background and reopen (it lands at a later step).
+        Otherwise the window stays closed for the whole round."""
+        await self.sync.begin_round(overlap)
+        if overlap:
+            self._overlapped = asyncio.create_task(self.sync.run_round(0, self._refresh, self._publish))
+            return
+        self.enter(Phase.AVERAGING)
         self.window.close()  # queued requests get "busy" now instead of timing out during the round
-        metrics = await self.sync.run_round(0, self._refresh, self._publish)
+        self._report(await self.sync.run_round(0, self._refresh, self._publish))
+
+    async def _land(self) -> None:
+        """The overlapped round's update reaches the local weights; waited for (training paused) when it is still
+        running and something needs the stage's state settled."""
+        if not self._overlapped.done():
+            self.enter(Phase.AVERAGING)
+        try:
+            metrics = await self._overlapped
+        except Exception as e:  # the round's own failures are outcomes; this is a fault: recover the stage's state
+            log.warning(f"stage {self.stage}: the outer round failed: {e}")
+            metrics = None
+        finally:
+            self._overlapped = None
+        await self.sync.land(metrics)
+        self._report(metrics)
+
+    def _report(self, metrics: dict | None) -> None:
         if metrics is None:
             self._recover_wanted = True
-            return
-        print(f"[stage {self.stage}] {format_round(metrics)}", flush=True)
+        else:
+            print(f"[stage {self.stage}] {format_round(metrics)}", flush=True)
 
     async def request_round(self) -> None:
         """Ask the stepper for a round now (end of run) and wait until it has run it."""
@@ -215,7 +261,8 @@ class Stepper:
             if not any(o.state == "online" for o in self.sync.others):
                 # gradient rounds: every step had its round (a mate's partial last window it stepped alone: we
                 # recover it)
-                if self.sync.strategy.averages_gradients or not self.sync.unmerged_work():
+                settled = self._overlapped is None  # else: request_round lands it first
+                if settled and (self.sync.strategy.averages_gradients or not self.sync.unmerged_work()):
                     return await self._linger_for_laggards()
                 try:
                     await asyncio.wait_for(self.request_round(), 3 * self.cfg.swarm.averaging_timeout)

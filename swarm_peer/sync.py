@@ -70,6 +70,8 @@ class StageSync:
         self.recoveries: list[dict] = []
         self.averager = None
         self.clock_pending = False
+        self.background = False  # an overlapped round is running: the peer trains and serves meanwhile
+        self._began = (0, 0, 0.0)  # round_steps, round_samples and run clock when the current round began
         self.trust = DonorTrust(cfg.swarm.announce_period)  # whose state claims are believed (unbacked: not)
         if self.mode != "none":
             sw = cfg.swarm
@@ -88,6 +90,16 @@ class StageSync:
         self.trainer = trainer
         self.strategy = make_mode(self.cfg, trainer)
         self.progress = Progress(global_hash=self.strategy.state_hash())
+
+    @property
+    def overlaps(self) -> bool:
+        """Outer rounds run while inner training goes on (`swarm.overlap_rounds`; DiLoCo only)."""
+        return self.cfg.swarm.overlap_rounds and self.strategy.outer_rounds
+
+    @property
+    def paused(self) -> bool:
+        """In a round that admits no training request (every round but an overlapped one)."""
+        return self.progress.syncing and not self.background
 
     @property
     def outer(self) -> OuterOptimizer | None:
@@ -223,22 +235,48 @@ class StageSync:
                 return None, f"failed during the all-reduce ({error}); not retried: a groupmate may have completed it"
         return None, f"failed after {attempts} attempt(s): {last_error or 'no groupmates'}"
 
+    async def begin_round(self, overlap: bool) -> None:
+        """An outer round begins (the stepper, with the window drained): what it averages is fixed now. Overlapped,
+        the peer reopens its window right after and runs the round in the background (`run_round`, then `land`)."""
+        def begin():
+            self.strategy.begin_round(overlap)
+            self._began = (self.progress.round_steps, self.progress.round_samples, self.trainer.clock)
+        await self.compute.run(STEP, begin)
+        self.background = overlap
+
+    async def land(self, metrics: dict | None) -> None:
+        """An overlapped round has ended (the stepper, with the window drained): the outer update reaches the local
+        weights, and the run clock moves by the group's alignment (the inner steps since the round began stay)."""
+        def land():
+            if metrics is not None:
+                metrics["overlapped_steps"] = self.progress.round_steps  # inner steps trained while it ran
+                self.strategy.land()
+                aligned = self.trainer.clock + metrics["clock"] - self._began[2]
+                clock = aligned if self.training else max(self.trainer.clock, metrics["clock"])
+                self.trainer.clock = min(max(clock, 0.0), float(self.cfg.run.max_steps))
+            else:
+                self.strategy.overlapping = False  # behind or failed: a recovery replaces the weights
+        await self.compute.run(STEP, land)
+        self.background = self.progress.syncing = False
+
     async def run_round(self, completed_samples: int, refresh, publish) -> dict | None:
-        """One round. diloco: outer step on the averaged pseudo-gradient. sync: average gradients (the caller then
-        steps AdamW with grads_are_mean). Returns the round's metrics, or None when this peer must recover."""
+        """One round. diloco: outer step on the averaged pseudo-gradient (after `begin_round`). sync: average gradients
+        (the caller then steps AdamW with grads_are_mean). Returns the round's metrics, or None when this peer must
+        recover."""
         loop = asyncio.get_running_loop()
         r, t0 = self.progress.round, time.monotonic()
         self.progress.syncing = True
         await publish()
         mode = self.strategy
-        samples = mode.round_samples(self.progress.round_samples, completed_samples)
+        began_steps, began_samples, began_clock = self._began if mode.outer_rounds else (0, 0, 0.0)
+        samples = mode.round_samples(began_samples, completed_samples)
         # an idle peer's Δ = 0 must not dilute the average; never 0 (a group of all-zero weights would divide 0 by 0)
         weight = float(samples) if samples > 0 else 1e-6
         def contribute(out: list[torch.Tensor]) -> None:
             mode.contribute(out, completed_samples)
 
         # gradient rounds: the step this average is for
-        clock = self.trainer.clock if mode.outer_rounds else await self.compute.run(STEP, self.trainer.position)
+        clock = began_clock if mode.outer_rounds else await self.compute.run(STEP, self.trainer.position)
         before = list(self.averager.traffic)
         phases: dict = {}
         gathered, outcome = await self._average(r, weight, clock, refresh, contribute, phases)
@@ -265,25 +303,35 @@ class StageSync:
                 averaged = False
             norm = math.sqrt(squared_norm(delta))
             self.progress.round_ok = group_ok and (averaged or outcome == "alone")
-            if mode.outer_rounds:  # the round ends here (a gradient round ends after the inner step: end_sync_round)
-                with self.averager.state_writing():  # no download reads the outer state meanwhile
+            if mode.outer_rounds and not self.background:  # the round ends here (a gradient round ends after the
+                with self.averager.state_writing():  # inner step: end_sync_round); no download reads meanwhile
                     mode.apply(delta)
                     # a peer done training keeps its clock at the run's end: it only pulls late groupmates forward
                     self.trainer.clock = clock if self.training else max(self.trainer.clock, clock)
                     self._advance(r + 1)  # on the compute thread with the step: a state snapshot (also taken
                     # there) never pairs the new weights with the old round and hash
-            else:
-                mode.apply(delta)
+            else:  # sync: the gradients; overlapped: the outer step on the global copy (the caller holds the
+                mode.apply(delta)  # state's seqlock), reaching the local weights at `land`
             return norm
 
         def apply_locked() -> float:
             # an executor thread waits for the averager's lock (held while a timed-out attempt still runs in the
             # averager process and may write the buffers), never the compute thread: training and serving go on
             with self.averager.get_tensors() as tensors:
+                if self.background:  # the outer step here, off the compute thread (it touches no local weight)
+                    return apply(tensors)
                 return self.compute.call(STEP, lambda: apply(tensors))
 
         t_apply = time.monotonic()
-        norm = await loop.run_in_executor(None, apply_locked)
+        if self.background:
+            with self.averager.state_writing():  # a download reads the new global copy with its round and hash
+                norm = await loop.run_in_executor(None, apply_locked)
+                new_hash = await loop.run_in_executor(None, mode.state_hash)
+                # inner steps trained since the round began count towards the next round
+                self._advance(r + 1, carried=(self.progress.round_steps - began_steps,
+                                              self.progress.round_samples - began_samples), new_hash=new_hash)
+        else:
+            norm = await loop.run_in_executor(None, apply_locked)
         phases["apply_s"] = time.monotonic() - t_apply
         after = list(self.averager.traffic)
         metrics = {"round": r, "group_size": len(gathered) if averaged else 1, "outcome": outcome, "clock": clock,
@@ -297,10 +345,10 @@ class StageSync:
             await publish()
         return metrics
 
-    def _advance(self, next_round: int) -> None:
-        self.progress.global_hash = self.strategy.state_hash()
-        self.progress.round, self.progress.round_steps, self.progress.round_samples = next_round, 0, 0
-        self.progress.syncing = False
+    def _advance(self, next_round: int, carried: tuple[int, int] = (0, 0), new_hash: str | None = None) -> None:
+        self.progress.global_hash = new_hash or self.strategy.state_hash()
+        self.progress.round, (self.progress.round_steps, self.progress.round_samples) = next_round, carried
+        self.progress.syncing = False  # (an overlapped round still has to land: the stepper knows)
 
     def _record(self, metrics: dict) -> None:
         metrics["weights_hash"] = self.progress.global_hash

@@ -12,7 +12,7 @@ import torch
 
 from swarm_peer.compute import StageTrainer
 from swarm_peer.config import Config
-from swarm_peer.diloco import OuterOptimizer, tensors_hash
+from swarm_peer.diloco import CHUNK, OuterOptimizer, tensors_hash
 
 
 class Independent:
@@ -21,6 +21,7 @@ class Independent:
     averages_gradients = False  # a round before every inner step, on the gradients (sync)
     outer_rounds = False  # rounds after inner steps, when due, on the weights (diloco)
     outer: OuterOptimizer | None = None
+    overlapping = False  # an overlapped round is running: its contribution is from `begin_round`'s snapshot
 
     def __init__(self, cfg: Config, trainer: StageTrainer):
         self.cfg, self.trainer = cfg, trainer
@@ -55,6 +56,12 @@ class Independent:
         """Apply the round's result (the average, or this peer's own contribution when it averaged with nobody)."""
         raise NotImplementedError(f"sync_mode {self.name} has no rounds")
 
+    def begin_round(self, overlap: bool) -> None:
+        """At a round's start, on the compute thread with the window drained."""
+
+    def land(self) -> None:
+        """An overlapped round's result reaches the local weights (compute thread, window drained)."""
+
     def state_dict(self) -> dict | None:
         return None
 
@@ -85,6 +92,7 @@ class DiLoCo(Independent):
     def __init__(self, cfg: Config, trainer: StageTrainer):
         super().__init__(cfg, trainer)
         self.outer = OuterOptimizer(trainer.params, cfg.optim.outer)
+        self.snapshot: list[torch.Tensor] | None = None  # θ_local when an overlapped round began
 
     def state_hash(self) -> str:
         return self.outer.global_hash()
@@ -102,12 +110,37 @@ class DiLoCo(Independent):
     def round_samples(self, round_samples: int, completed: int) -> int:
         return round_samples  # all inner steps since the last outer step
 
+    @torch.no_grad()
+    def begin_round(self, overlap: bool) -> None:
+        """Overlapped (`swarm.overlap_rounds`): keep θ_local as it is now. The round averages Δ = θ_global − snapshot
+        (every attempt writes it afresh from there) while inner training moves the local weights on."""
+        self.overlapping = overlap
+        if overlap:
+            if self.snapshot is None:  # 4 B per parameter, on the CPU (memory.py counts it)
+                self.snapshot = [torch.empty_like(g) for g in self.outer.global_params]
+            for s, p in zip(self.snapshot, self.trainer.params):
+                s.copy_(p.detach())
+
     def contribute(self, out: list[torch.Tensor], completed: int) -> None:
-        self.outer.pseudo_gradient(self.trainer.params, out=out)  # the local weights do not move during a round
+        # blocking rounds: the local weights do not move during the round (the window is closed)
+        self.outer.pseudo_gradient(self.snapshot if self.overlapping else self.trainer.params, out=out)
 
     def apply(self, delta: list[torch.Tensor]) -> None:
         self.outer.step(delta)
-        self.outer.load_into(self.trainer.params)
+        if not self.overlapping:
+            self.outer.load_into(self.trainer.params)
+
+    @torch.no_grad()
+    def land(self) -> None:
+        """θ_local ← θ_global + (θ_local − snapshot): the new global weights plus what inner training did since the
+        round began, so no inner step is lost and none is counted twice (the next round's Δ holds it). With no inner
+        step between, exactly θ_global (x − x is 0)."""
+        if not self.overlapping:
+            return
+        self.overlapping = False
+        for p, g, s in zip(self.trainer.params, self.outer.global_params, self.snapshot):
+            for p_, g_, s_ in zip(p.detach().view(-1).split(CHUNK), g.view(-1).split(CHUNK), s.view(-1).split(CHUNK)):
+                p_.copy_(torch.add(g_, p_.to("cpu", torch.float32) - s_))
 
     def state_dict(self) -> dict:
         return self.outer.state_dict(copy=False)

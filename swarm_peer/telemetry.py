@@ -156,7 +156,8 @@ def memory_report(w) -> dict:
     # gone, yet they are part of the state a step needs
     grads = nbytes(p for p in w.trainer.params if p.requires_grad)
     inner = nbytes(t for st in w.trainer.opt.state.values() for t in st.values() if torch.is_tensor(t))
-    outer = nbytes([*w.sync.outer.global_params, *w.sync.outer.buffers]) if w.sync.outer else 0
+    outer = nbytes([*w.sync.outer.global_params, *w.sync.outer.buffers, *(w.sync.strategy.snapshot or [])]
+                   ) if w.sync.outer else 0  # + the snapshot overlapped rounds contribute from
     buffers = nbytes(w.sync.buffers) if w.sync.averager is not None else 0  # shared with the averager process
     # boundary activations of the microbatches in flight (a lower bound: autograd also keeps inner ones)
     d = w.cfg.data

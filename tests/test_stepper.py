@@ -17,9 +17,11 @@ def _plan(**kw) -> list[Action]:
     """The actions one step takes, the facts held fixed except what the actions themselves settle."""
     done, plan = set(), []
     while (action := next_action(_facts(**kw, done=frozenset(done)))) is not Action.REOPEN:
-        assert action not in done and len(plan) < 4, plan
+        assert action not in done and len(plan) < 5, plan
         done.add(action)
         plan.append(action)
+        if action is Action.LAND:  # the overlapped round is over once landed
+            kw.update(round_running=False, round_landed=False)
     return plan
 
 
@@ -42,15 +44,31 @@ def test_a_stopping_peer_starts_no_round_but_still_recovers_and_checkpoints():
         Action.RECOVER, Action.CHECKPOINT]
 
 
-@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=6)))
+def test_an_overlapped_round_lands_at_a_step_and_is_waited_for_only_when_needed():
+    assert _plan(round_running=True) == []  # still running: training goes on
+    assert _plan(round_running=True, round_due=True) == []  # never a second round while one runs
+    assert _plan(round_running=True, round_landed=True) == [Action.LAND]
+    assert _plan(round_running=True, round_landed=True, round_due=True) == [Action.LAND, Action.OUTER_ROUND]
+    # the end of training, a recovery, a checkpoint: the stage state must be settled first
+    assert _plan(round_running=True, callers_wait=True, round_asked=True) == [Action.LAND, Action.OUTER_ROUND]
+    assert _plan(round_running=True, checkpoint_due=True) == [Action.LAND, Action.CHECKPOINT]
+    assert _plan(round_running=True, behind=True) == [Action.LAND, Action.RECOVER]
+
+
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=8)))
 def test_every_combination_ends_in_reopen_in_order(flags):
-    round_due, round_asked, stopping, behind, disagrees, checkpoint_due = flags
+    round_due, round_asked, stopping, behind, disagrees, checkpoint_due, running, landed = flags
+    landed = running and landed
     for mode in ("diloco", "sync", "none"):
         plan = _plan(mode=mode, round_due=round_due, round_asked=round_asked, stopping=stopping, behind=behind,
-                     disagrees=disagrees, checkpoint_due=checkpoint_due)
-        order = [Action.OUTER_ROUND, Action.RECOVER, Action.CHECKPOINT]
+                     disagrees=disagrees, checkpoint_due=checkpoint_due, round_running=running, round_landed=landed,
+                     callers_wait=round_asked)
+        order = [Action.LAND, Action.OUTER_ROUND, Action.RECOVER, Action.CHECKPOINT]
         assert plan == sorted(plan, key=order.index)
-        assert (Action.OUTER_ROUND in plan) == (mode == "diloco" and not stopping and (round_due or round_asked))
+        settles = landed or running and (round_asked or behind or disagrees or checkpoint_due)
+        assert (Action.LAND in plan) == settles
+        assert (Action.OUTER_ROUND in plan) == (mode == "diloco" and not stopping and (round_due or round_asked) and (
+            settles or not running))
         assert (Action.RECOVER in plan) == (behind or disagrees)
         assert (Action.CHECKPOINT in plan) == checkpoint_due
 

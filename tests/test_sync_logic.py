@@ -75,11 +75,11 @@ def test_stage_peers_filters_self_offline_and_other_configs():
     assert round_bits(3) == "0000000000000011" and round_bits(65536 + 3) == round_bits(3)
 
 
-def test_router_avoids_syncing_peers_unless_all_are():
+def test_router_avoids_paused_peers_unless_all_are():
     router = Router(4)
-    router.update([Candidate("a", throughput=10, syncing=True), Candidate("b", throughput=1)])
+    router.update([Candidate("a", throughput=10, paused=True), Candidate("b", throughput=1)])
     assert {router.choose() for _ in range(50)} == {"b"}
-    router.update([Candidate("a", throughput=10, syncing=True)])
+    router.update([Candidate("a", throughput=10, paused=True)])
     assert router.choose() == "a"
 
 

@@ -89,3 +89,36 @@ def test_independent_replicas_have_no_rounds():
     with pytest.raises(NotImplementedError):
         mode.contribute([], 0)
     assert mode.state_dict() is None
+
+
+def test_an_overlapped_round_averages_the_snapshot_and_keeps_the_steps_trained_meanwhile():
+    """begin_round fixes the contribution; inner steps go on; land gives θ_global_new + (θ_local − snapshot): an
+    overlapped round is a blocking round plus the steps trained while it ran, and exactly θ_global without them."""
+    trainer = _trainer("diloco")
+    mode = make_mode(trainer.cfg, trainer)
+    _train_one_step(trainer)
+    at_start = [p.detach().clone() for p in trainer.params]
+    expected_delta = [g - p for g, p in zip(mode.outer.global_params, at_start)]
+    mode.begin_round(overlap=True)
+    _train_one_step(trainer)  # training goes on while the round runs
+    drift = [p.detach() - s for p, s in zip(trainer.params, at_start)]
+    assert any(d.abs().max() > 0 for d in drift)
+    out = [torch.zeros_like(p) for p in trainer.params]
+    mode.contribute(out, completed=0)  # every attempt: from the snapshot, not from the weights as they are now
+    for o, d in zip(out, expected_delta):
+        assert torch.equal(o, d)
+    mode.apply(out)  # the outer step on the global copy only: the local weights still train
+    for p, s, d in zip(trainer.params, at_start, drift):
+        assert torch.allclose(p.detach(), s + d, atol=1e-7)
+    mode.land()
+    for p, g, d in zip(trainer.params, mode.outer.global_params, drift):
+        assert torch.allclose(p.detach(), g + d, atol=1e-6)
+    assert not mode.overlapping
+
+    mode.begin_round(overlap=True)  # no inner step while it ran: the local weights are the global copy, bit for bit
+    out = [torch.zeros_like(p) for p in trainer.params]
+    mode.contribute(out, completed=0)
+    mode.apply(out)
+    mode.land()
+    for p, g in zip(trainer.params, mode.outer.global_params):
+        assert torch.equal(p.detach(), g)
