@@ -13,6 +13,8 @@ The round. hivemind's all-reduce among the stage's peers in round r (group key =
 peers that can join), every timeout set, bit-identical results (averaging.py). Attempts repeat until
 `swarm.averaging_timeout`; a peer that finds itself alone applies its own outer step on schedule (`round_ok`); one
 that failed to average with peers that exist steps alone too but marks `round_ok = False`, so it won't vote.
+Overlapped (DiLoCo, `swarm.overlap_rounds`): `begin_round` fixes the contribution, the round runs while the peer
+trains and serves, and `land` hands its update to the local weights at a later inner step.
 
 Agreement. Peers publish the hash of their global weights at the start of each round. A peer whose hash differs from
 the majority of the voting peers at the newest round (ties: the hash held by the smallest peer id), or who is behind

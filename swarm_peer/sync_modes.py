@@ -5,6 +5,7 @@ stepper asks the mode where its rounds sit around the inner step:
     none     inner step                                  (replicas train independently: an experiment's control)
     sync     gradient round -> inner step on the average (SWARM's data parallelism: replicas stay identical)
     diloco   inner step ... H steps ... -> outer round   (outer Nesterov on the averaged pseudo-gradient)
+             overlapped (swarm.overlap_rounds): begin_round -> inner steps go on while it runs -> land at a later step
 """
 from __future__ import annotations
 
