@@ -98,8 +98,10 @@ def run_method(exp: str, spec: dict, a, out: Path) -> dict:
     res.update(group=spec.get("group", ""), compute_matched=spec.get("compute_matched", True),
                published_key=spec.get("published_key", spec["name"]), dir=str(where), overrides=spec["sets"],
                eval_sequences=a.eval_batches * cfg.data.microbatch_size)
+    blocked = res.get("sync_blocked_share")
+    blocked = f", sync-blocked {100 * max(blocked.values()):.1f}% of wall time at most" if blocked else ""
     print(f"[{exp}] {spec['name']}: final val loss {loss:.4f}, ppl {res['final_val_perplexity']:.3f}, "
-          f"{res['tokens']:,} tokens, {res['process_wall_s']:.0f} s", flush=True)
+          f"{res['tokens']:,} tokens, {res['process_wall_s']:.0f} s{blocked}", flush=True)
     return res
 
 
