@@ -138,8 +138,7 @@ class Stepper:
         try:
             await self._run()
         finally:
-            if self._overlapped is not None:
-                self._overlapped.cancel()
+            await self._settle_at_exit()
 
     async def _run(self) -> None:
         while True:
@@ -220,18 +219,38 @@ class Stepper:
         self.window.close()  # queued requests get "busy" now instead of timing out during the round
         self._report(await self.sync.run_round(0, self._refresh, self._publish))
 
+    async def _settle_at_exit(self) -> None:
+        """Stopped (a signal, the end of the run) with an overlapped round out: the state a checkpoint, the summary and
+        the saved weights read at exit must be one state. A round still averaging is cancelled (the global copy stays
+        the round's start, the local weights what they trained: a consistent pair); one applying its outer step is
+        waited for (bounded) and, like one that ended, landed."""
+        task, self._overlapped = self._overlapped, None
+        if task is None:
+            return
+        if not task.done() and not self.sync.applying:
+            task.cancel()
+        try:
+            metrics = await asyncio.wait_for(asyncio.shield(task), 30)
+        except BaseException:  # cancelled, failed or stuck: nothing reached the global copy, or we cannot tell
+            metrics = None
+        if metrics is not None:
+            await self.sync.land(metrics)
+        else:
+            self.sync.background = self.sync.progress.syncing = False
+
     async def _land(self) -> None:
         """The overlapped round's update reaches the local weights; waited for (training paused) when it is still
         running and something needs the stage's state settled."""
         if not self._overlapped.done():
             self.enter(Phase.AVERAGING)
-        try:
-            metrics = await self._overlapped
+        try:  # shielded: a stop while we wait leaves the round to _settle_at_exit (never cut inside its outer step)
+            metrics = await asyncio.shield(self._overlapped)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # the round's own failures are outcomes; this is a fault: recover the stage's state
             log.warning(f"stage {self.stage}: the outer round failed: {e}")
             metrics = None
-        finally:
-            self._overlapped = None
+        self._overlapped = None
         await self.sync.land(metrics)
         self._report(metrics)
 

@@ -39,11 +39,10 @@ from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, squared_norm
 from swarm_peer.donor_trust import DonorTrust
 from swarm_peer.records import StageRecord
+from swarm_peer.stage_state import StageState
 from swarm_peer.sync_modes import Independent, make_mode
 from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, choose_donors, group_clock,
-                                   group_hash, max_round_weight,
-                                   remember_agreements, round_bits, round_due, state_problem, vouched,
-                                   vouched_recently)
+                                   group_hash, max_round_weight, remember_agreements, round_bits, round_due)
 from swarm_peer.validation import all_finite
 
 log = logging.getLogger("swarm_peer")
@@ -51,7 +50,7 @@ AGREEMENT_MEMORY_S = 30.0  # how long a round's majority hash, once seen in the 
 
 
 # ------------------------------------------------------------------------------------------------ the peer side
-class StageSync:
+class StageSync(StageState):
     """One peer's side of its stage's rounds. Torch work runs on the peer's compute thread; blocking hivemind calls
     in executor threads; decisions read the stage's records that the worker refreshes (`view`, replaced whole)."""
 
@@ -73,6 +72,7 @@ class StageSync:
         self.averager = None
         self.clock_pending = False
         self.background = False  # an overlapped round is running: the peer trains and serves meanwhile
+        self.applying = False  # ... and writing its outer step into the global copy (not to be cancelled)
         self._began = (0, 0, 0.0)  # round_steps, round_samples and run clock when the current round began
         self.trust = DonorTrust(cfg.swarm.announce_period)  # whose state claims are believed (unbacked: not)
         if self.mode != "none":
@@ -107,27 +107,6 @@ class StageSync:
     def outer(self) -> OuterOptimizer | None:
         """DiLoCo's global copy and outer momentum (None in the other modes)."""
         return self.strategy.outer if self.strategy else None
-
-    # ---- what this peer's state is, and what a downloader gets
-    def _state_tensors(self) -> tuple[dict, list[torch.Tensor]]:
-        meta = {"round": self.progress.round, "hash": self.progress.global_hash, "mode": self.mode,
-                "inner_step": self.trainer.inner_step, "clock": self.trainer.clock}
-        return self.strategy.state_tensors(meta)
-
-    def _state_for_download(self):
-        # runs in hivemind's state-sharing thread; the compute thread makes the snapshot consistent
-        if not self.progress.round_ok:
-            return {"round": -1}, []  # never share a state the stage has not agreed on
-        return self.compute.call(STEP, self._state_tensors, timeout=60)
-
-    @torch.no_grad()
-    def _apply_state(self, meta: dict, tensors: list[torch.Tensor], clock: float) -> None:
-        with self.averager.state_writing():  # no download reads the served state meanwhile
-            self.strategy.load_state(meta, tensors)
-        self.trainer.discard_gradients()
-        self.trainer.clock = clock
-        self.clock_pending = True  # the stage trains on while this peer starts up: catch up at its first step
-        self.progress = Progress(global_hash=self.strategy.state_hash(), round=int(meta["round"]))
 
     def see(self, view: StageView) -> None:
         """The worker's fresh look at the stage's other peers."""
@@ -326,12 +305,16 @@ class StageSync:
 
         t_apply = time.monotonic()
         if self.background:
-            with self.averager.state_writing():  # a download reads the new global copy with its round and hash
-                norm = await loop.run_in_executor(None, apply_locked)
-                new_hash = await loop.run_in_executor(None, mode.state_hash)
-                # inner steps trained since the round began count towards the next round
-                self._advance(r + 1, carried=(self.progress.round_steps - began_steps,
-                                              self.progress.round_samples - began_samples), new_hash=new_hash)
+            self.applying = True
+            try:
+                with self.averager.state_writing():  # a download reads the new global copy with its round and hash
+                    norm = await loop.run_in_executor(None, apply_locked)
+                    new_hash = await loop.run_in_executor(None, mode.state_hash)
+                    # inner steps trained since the round began count towards the next round
+                    self._advance(r + 1, carried=(self.progress.round_steps - began_steps,
+                                                  self.progress.round_samples - began_samples), new_hash=new_hash)
+            finally:
+                self.applying = False
         else:
             norm = await loop.run_in_executor(None, apply_locked)
         phases["apply_s"] = time.monotonic() - t_apply
@@ -363,73 +346,6 @@ class StageSync:
             self._record(metrics)
         await self.compute.run(STEP, finish)
         await publish()
-
-    # ---- recovery and joining
-    def top_peers(self) -> list[str]:
-        """The voting peers at the newest round (donors when this peer knows it is behind)."""
-        voters = [o for o in self.others if o.round_ok]
-        top = max((o.round for o in voters), default=-1)
-        return [o.peer_id for o in voters if o.round == top]
-
-    async def join(self, refresh) -> None:
-        """Before serving: adopt the stage's current state from its peers; the first peer keeps the seeded init."""
-        loop = asyncio.get_running_loop()
-        view = await loop.run_in_executor(None, refresh)
-        if self.mode == "none" or not view.others:
-            log.info("no stage peers online; starting from the seeded init")
-            return
-        self.progress.round_ok = False  # not a voter until it holds the stage's state
-        for _ in range(10):
-            donors = self.donors()
-            if not donors or await self.recover(donors, "joining the stage", refresh):
-                self.progress.round_ok = True
-                return
-            await asyncio.sleep(1.0)
-            await loop.run_in_executor(None, refresh)
-        log.warning("could not download the stage state; starting from the seeded init")
-        self.progress.round_ok = True
-
-    async def recover(self, donors: list[str], reason: str, refresh=None) -> bool:
-        """Download the stage state from `donors` and apply it if it is sound and what the stage's records agree on
-        (`refresh`: blocking re-read of the records, for when they lag the state)."""
-        loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
-        timeout = max(30.0, self.cfg.swarm.averaging_timeout)
-        result = await loop.run_in_executor(None, self.averager.download_state, donors, self.strategy.num_state_tensors(),
-                                            timeout)
-        for donor in self.averager.last_unserved:  # its record claims a state, no averager of its answers: a record
-            self.trust.distrust(donor, "runs no averager")  # with nothing behind it is not believed for a while
-        # a round ahead of ours that its peer will not serve is a claim nobody backs; a mate at our round that
-        # declines is merely not sharing
-        self.trust.count_declines([o.peer_id for o in self.others if o.peer_id in donors and o.round > self.progress.round],
-                                  self.averager.last_declined)
-        if result is None:
-            log.warning(f"could not download the stage state from {len(donors)} donor(s); will retry")
-            return False
-        meta, tensors = result
-        problem = state_problem(meta, tensors, [p.shape for p in self.trainer.params], self.mode)
-        for _ in range(3 if problem is None and refresh is not None else 0):
-            if vouched(meta, self.others) or vouched_recently(meta, self.agreed):
-                break
-            await asyncio.sleep(self.cfg.swarm.announce_period)  # the donors' records may lag their state
-            await loop.run_in_executor(None, refresh)
-        else:
-            if problem is None and not (vouched(meta, self.others) or vouched_recently(meta, self.agreed)):
-                problem = f"round {meta['round']} weights {meta['hash']} are not what the stage's records agree on"
-        if problem:
-            log.warning(f"downloaded stage state refused ({problem}); discarded")
-            return False
-        # the run clock: the donors' published ones and the one served, by median (one donor cannot set it alone)
-        claims = {o.peer_id: {"clock": o.clock} for o in self.others if o.peer_id in donors}
-        clock = group_clock({**claims, "served": {"clock": meta.get("clock")}}, self.trainer.clock, self.cfg.run.max_steps)
-        await self.compute.run(STEP, lambda: self._apply_state(meta, tensors, clock))
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        event = {"reason": reason, "round": meta["round"], "hash": meta["hash"], "clock": clock, "donors": len(donors),
-                 "bytes": nbytes, "seconds": time.monotonic() - t0}
-        self.recoveries.append(event)
-        log.warning(f"stage state recovered ({reason}): round {meta['round']}, run step {clock:g}, weights {meta['hash']}, "
-                    f"{nbytes / 2**20:.1f} MiB from {len(donors)} donor(s) in {event['seconds']:.1f}s")
-        return True
 
     def state_dict(self) -> dict:
         return {"mode": self.mode, "outer": self.strategy.state_dict(),

@@ -41,11 +41,12 @@ if "perturb_round" in faults:
     _advance = StageSync._advance
     target = int(faults["perturb_round"])
 
-    def _advance_perturbed(self, next_round):
+    def _advance_perturbed(self, next_round, carried=(0, 0), new_hash=None):
         if next_round == target + 1 and self.outer is not None:
             with torch.no_grad():
                 self.outer.global_params[0].add_(1e-3)  # the global copy of the first parameter
-        _advance(self, next_round)
+            new_hash = None  # the hash of the perturbed weights
+        _advance(self, next_round, carried, new_hash)
 
     StageSync._advance = _advance_perturbed
 

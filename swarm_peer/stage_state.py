@@ -1,0 +1,107 @@
+"""A stage's shared state: what a donor serves (a consistent snapshot taken on the compute thread), and how a joining
+or recovering peer downloads it from several donors, checks it (sound, and what the stage's records agree on) and
+applies it. A part of StageSync (sync.py), which holds the attributes used here."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from swarm_peer.compute import STEP
+from swarm_peer.sync_rules import Progress, group_clock, state_problem, vouched, vouched_recently
+
+log = logging.getLogger("swarm_peer")
+
+
+class StageState:
+    """Mixed into StageSync: uses its cfg, mode, compute, trainer, strategy, averager, progress, trust, others, agreed,
+    recoveries."""
+    # ---- what this peer's state is, and what a downloader gets
+    def _state_tensors(self) -> tuple[dict, list[torch.Tensor]]:
+        meta = {"round": self.progress.round, "hash": self.progress.global_hash, "mode": self.mode,
+                "inner_step": self.trainer.inner_step, "clock": self.trainer.clock}
+        return self.strategy.state_tensors(meta)
+
+    def _state_for_download(self):
+        # runs in hivemind's state-sharing thread; the compute thread makes the snapshot consistent
+        if not self.progress.round_ok:
+            return {"round": -1}, []  # never share a state the stage has not agreed on
+        return self.compute.call(STEP, self._state_tensors, timeout=60)
+
+    @torch.no_grad()
+    def _apply_state(self, meta: dict, tensors: list[torch.Tensor], clock: float) -> None:
+        with self.averager.state_writing():  # no download reads the served state meanwhile
+            self.strategy.load_state(meta, tensors)
+        self.trainer.discard_gradients()
+        self.trainer.clock = clock
+        self.clock_pending = True  # the stage trains on while this peer starts up: catch up at its first step
+        self.progress = Progress(global_hash=self.strategy.state_hash(), round=int(meta["round"]))
+
+    # ---- recovery and joining
+    def top_peers(self) -> list[str]:
+        """The voting peers at the newest round (donors when this peer knows it is behind)."""
+        voters = [o for o in self.others if o.round_ok]
+        top = max((o.round for o in voters), default=-1)
+        return [o.peer_id for o in voters if o.round == top]
+
+    async def join(self, refresh) -> None:
+        """Before serving: adopt the stage's current state from its peers; the first peer keeps the seeded init."""
+        loop = asyncio.get_running_loop()
+        view = await loop.run_in_executor(None, refresh)
+        if self.mode == "none" or not view.others:
+            log.info("no stage peers online; starting from the seeded init")
+            return
+        self.progress.round_ok = False  # not a voter until it holds the stage's state
+        for _ in range(10):
+            donors = self.donors()
+            if not donors or await self.recover(donors, "joining the stage", refresh):
+                self.progress.round_ok = True
+                return
+            await asyncio.sleep(1.0)
+            await loop.run_in_executor(None, refresh)
+        log.warning("could not download the stage state; starting from the seeded init")
+        self.progress.round_ok = True
+
+    async def recover(self, donors: list[str], reason: str, refresh=None) -> bool:
+        """Download the stage state from `donors` and apply it if it is sound and what the stage's records agree on
+        (`refresh`: blocking re-read of the records, for when they lag the state)."""
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        timeout = max(30.0, self.cfg.swarm.averaging_timeout)
+        result = await loop.run_in_executor(None, self.averager.download_state, donors, self.strategy.num_state_tensors(),
+                                            timeout)
+        for donor in self.averager.last_unserved:  # its record claims a state, no averager of its answers: a record
+            self.trust.distrust(donor, "runs no averager")  # with nothing behind it is not believed for a while
+        # a round ahead of ours that its peer will not serve is a claim nobody backs; a mate at our round that
+        # declines is merely not sharing
+        self.trust.count_declines([o.peer_id for o in self.others if o.peer_id in donors and o.round > self.progress.round],
+                                  self.averager.last_declined)
+        if result is None:
+            log.warning(f"could not download the stage state from {len(donors)} donor(s); will retry")
+            return False
+        meta, tensors = result
+        problem = state_problem(meta, tensors, [p.shape for p in self.trainer.params], self.mode)
+        for _ in range(3 if problem is None and refresh is not None else 0):
+            if vouched(meta, self.others) or vouched_recently(meta, self.agreed):
+                break
+            await asyncio.sleep(self.cfg.swarm.announce_period)  # the donors' records may lag their state
+            await loop.run_in_executor(None, refresh)
+        else:
+            if problem is None and not (vouched(meta, self.others) or vouched_recently(meta, self.agreed)):
+                problem = f"round {meta['round']} weights {meta['hash']} are not what the stage's records agree on"
+        if problem:
+            log.warning(f"downloaded stage state refused ({problem}); discarded")
+            return False
+        # the run clock: the donors' published ones and the one served, by median (one donor cannot set it alone)
+        claims = {o.peer_id: {"clock": o.clock} for o in self.others if o.peer_id in donors}
+        clock = group_clock({**claims, "served": {"clock": meta.get("clock")}}, self.trainer.clock, self.cfg.run.max_steps)
+        await self.compute.run(STEP, lambda: self._apply_state(meta, tensors, clock))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        event = {"reason": reason, "round": meta["round"], "hash": meta["hash"], "clock": clock, "donors": len(donors),
+                 "bytes": nbytes, "seconds": time.monotonic() - t0}
+        self.recoveries.append(event)
+        log.warning(f"stage state recovered ({reason}): round {meta['round']}, run step {clock:g}, weights {meta['hash']}, "
+                    f"{nbytes / 2**20:.1f} MiB from {len(donors)} donor(s) in {event['seconds']:.1f}s")
+        return True
