@@ -61,15 +61,16 @@ class AfterStep:
     done: frozenset = frozenset()  # the actions already taken after this step
     round_running: bool = False  # an overlapped round is running in the background
     round_landed: bool = False  # ... and has ended: its update waits for this step
+    round_overdue: bool = False  # ... and the next round would be due (sync.overdue): it must land now
     callers_wait: bool = False  # a caller waits for a round (end of training)
 
 
 def next_action(f: AfterStep) -> Action:
     """One action at a time, each at most once per step, in this order: landing an overlapped round (waited for when
-    a caller, a recovery or a checkpoint needs the stage state settled), the outer round (whose outcome may be that
+    the next round would be due, or a caller, a recovery or a checkpoint needs the stage state settled), the outer round (whose outcome may be that
     this peer is behind), the recovery, the checkpoint (of what the first three left), then reopening."""
     if Action.LAND not in f.done and (f.round_landed or f.round_running and (
-            f.callers_wait or f.behind or f.disagrees or f.checkpoint_due)):
+            f.round_overdue or f.callers_wait or f.behind or f.disagrees or f.checkpoint_due)):
         return Action.LAND
     if f.outer_rounds and not f.stopping and not f.round_running and (f.round_due or f.round_asked) and \
             Action.OUTER_ROUND not in f.done:
@@ -129,7 +130,8 @@ class Stepper:
                          round_asked=bool(waiters) and outer and self.sync.unmerged_work(),
                          stopping=self._stopping(), behind=self._recover_wanted, disagrees=self.disagrees(),
                          checkpoint_due=self._checkpoint_due(), done=frozenset(done), round_running=running,
-                         round_landed=running and self._overlapped.done(), callers_wait=bool(waiters))
+                         round_landed=running and self._overlapped.done(), callers_wait=bool(waiters),
+                         round_overdue=running and self.sync.overdue())
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

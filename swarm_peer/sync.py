@@ -74,6 +74,7 @@ class StageSync(StageState):
         self.background = False  # an overlapped round is running: the peer trains and serves meanwhile
         self.applying = False  # ... and writing its outer step into the global copy (not to be cancelled)
         self._began = (0, 0, 0.0)  # round_steps, round_samples and run clock when the current round began
+        self._since_began = (0, 0)  # inner steps and samples trained while an overlapped round runs
         self.trust = DonorTrust(cfg.swarm.announce_period)  # whose state claims are believed (unbacked: not)
         if self.mode != "none":
             sw = cfg.swarm
@@ -134,6 +135,19 @@ class StageSync(StageState):
     def stepped(self, samples: int) -> None:
         self.progress.round_steps += 1
         self.progress.round_samples += samples
+        if self.background:
+            self._since_began = (self._since_began[0] + 1, self._since_began[1] + samples)
+
+    def overdue(self) -> bool:
+        """An overlapped round still out when the next would be due: this peer has trained H inner steps since it
+        began (with `sync_samples`: as many samples as it put into it). The stepper then waits for it, so an outer
+        update lands at most one round late and rounds keep their cadence of H inner steps."""
+        if not self.background:
+            return False
+        steps, samples = self._since_began
+        if self.cfg.swarm.sync_samples:
+            return samples >= max(1, self._began[1])
+        return steps >= self.cfg.swarm.sync_every
 
     def due(self, lookahead: int = 0) -> bool:
         """Is an outer round due (only modes with outer rounds have one)?"""
@@ -222,6 +236,7 @@ class StageSync(StageState):
         def begin():
             self.strategy.begin_round(overlap)
             self._began = (self.progress.round_steps, self.progress.round_samples, self.trainer.clock)
+            self._since_began = (0, 0)
         await self.compute.run(STEP, begin)
         self.background = overlap
 

@@ -66,7 +66,8 @@ def _falls(curve, margin=0.5):
 
 
 def test_diloco_two_by_two_rounds_agree_and_loss_falls(swarm_factory):
-    swarm = swarm_factory("diloco", ["swarm.num_stages=2", "swarm.sync_every=4", "optim.inner.lr=3e-3"])
+    swarm = swarm_factory("diloco", ["swarm.num_stages=2", "swarm.sync_every=4", "optim.inner.lr=3e-3",
+                                     "swarm.overlap_rounds=true"])
     s = _run_two_by_two(swarm, steps=24)
     for stage, peers in _by_stage(s).items():
         common = _assert_stage_agrees(peers)

@@ -25,7 +25,7 @@ def test_gpt2_small_stage_state_is_24_bytes_per_parameter_in_diloco():
     assert 75e6 < n < 90e6  # ~82M per stage
     state = est.weights + est.gradients + est.inner_optimizer + est.outer_state
     assert state == 24 * n and est.averaging_buffers == 2 * n  # fp16 codec: fp16 buffers (lossless, see sync_rules)
-    overlapped = estimate(load_config("configs/gpt2-small-local.yaml"), 1)  # the default: + a 4 B snapshot
+    overlapped = estimate(load_config("configs/gpt2-small-local.yaml", ["swarm.overlap_rounds=true"]), 1)  # + a 4 B snapshot
     assert overlapped.outer_state == 12 * n
     fp32 = estimate(load_config("configs/gpt2-small-local.yaml", ["swarm.compression.averaging=fp32"]), 1)
     assert fp32.averaging_buffers == 4 * n

@@ -53,19 +53,21 @@ def test_an_overlapped_round_lands_at_a_step_and_is_waited_for_only_when_needed(
     assert _plan(round_running=True, callers_wait=True, round_asked=True) == [Action.LAND, Action.OUTER_ROUND]
     assert _plan(round_running=True, checkpoint_due=True) == [Action.LAND, Action.CHECKPOINT]
     assert _plan(round_running=True, behind=True) == [Action.LAND, Action.RECOVER]
+    # H inner steps since it began and still out: waited for, so an update is never more than one round late
+    assert _plan(round_running=True, round_overdue=True, round_due=True) == [Action.LAND, Action.OUTER_ROUND]
 
 
-@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=8)))
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=9)))
 def test_every_combination_ends_in_reopen_in_order(flags):
-    round_due, round_asked, stopping, behind, disagrees, checkpoint_due, running, landed = flags
-    landed = running and landed
+    round_due, round_asked, stopping, behind, disagrees, checkpoint_due, running, landed, overdue = flags
+    landed, overdue = running and landed, running and overdue
     for mode in ("diloco", "sync", "none"):
         plan = _plan(mode=mode, round_due=round_due, round_asked=round_asked, stopping=stopping, behind=behind,
                      disagrees=disagrees, checkpoint_due=checkpoint_due, round_running=running, round_landed=landed,
-                     callers_wait=round_asked)
+                     callers_wait=round_asked, round_overdue=overdue)
         order = [Action.LAND, Action.OUTER_ROUND, Action.RECOVER, Action.CHECKPOINT]
         assert plan == sorted(plan, key=order.index)
-        settles = landed or running and (round_asked or behind or disagrees or checkpoint_due)
+        settles = landed or running and (overdue or round_asked or behind or disagrees or checkpoint_due)
         assert (Action.LAND in plan) == settles
         assert (Action.OUTER_ROUND in plan) == (mode == "diloco" and not stopping and (round_due or round_asked) and (
             settles or not running))
