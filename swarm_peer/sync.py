@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import threading
 import time
 
 import torch
@@ -75,6 +76,7 @@ class StageSync(StageState):
         self.applying = False  # ... and writing its outer step into the global copy (not to be cancelled)
         self._began = (0, 0, 0.0)  # round_steps, round_samples and run clock when the current round began
         self._since_began = (0, 0)  # inner steps and samples trained while an overlapped round runs
+        self._counts = threading.Lock()  # the round counters: the event loop counts, an overlapped round resets
         self.trust = DonorTrust(cfg.swarm.announce_period)  # whose state claims are believed (unbacked: not)
         if self.mode != "none":
             sw = cfg.swarm
@@ -133,8 +135,9 @@ class StageSync(StageState):
         self.trainer.clock = max(self.trainer.clock, group_clock(now, self.trainer.clock, self.cfg.run.max_steps))
 
     def stepped(self, samples: int) -> None:
-        self.progress.round_steps += 1
-        self.progress.round_samples += samples
+        with self._counts:  # an overlapped round's end resets them in an executor thread
+            self.progress.round_steps += 1
+            self.progress.round_samples += samples
         if self.background:
             self._since_began = (self._since_began[0] + 1, self._since_began[1] + samples)
 
@@ -306,8 +309,14 @@ class StageSync(StageState):
                     self.trainer.clock = clock if self.training else max(self.trainer.clock, clock)
                     self._advance(r + 1)  # on the compute thread with the step: a state snapshot (also taken
                     # there) never pairs the new weights with the old round and hash
-            else:  # sync: the gradients; overlapped: the outer step on the global copy (the caller holds the
-                mode.apply(delta)  # state's seqlock), reaching the local weights at `land`
+            elif mode.outer_rounds:  # overlapped: the outer step on the global copy (it reaches the local weights at
+                with self.averager.state_writing():  # `land`), with the new round and hash: a download never pairs
+                    mode.apply(delta)  # them wrongly. Inner steps trained since the round began count towards the next
+                    with self._counts:
+                        self._advance(r + 1, carried=(self.progress.round_steps - began_steps,
+                                                      self.progress.round_samples - began_samples))
+            else:  # sync: the gradients
+                mode.apply(delta)
             return norm
 
         def apply_locked() -> float:
@@ -319,15 +328,10 @@ class StageSync(StageState):
                 return self.compute.call(STEP, lambda: apply(tensors))
 
         t_apply = time.monotonic()
-        if self.background:
-            self.applying = True
+        if self.background:  # the seqlock is taken only once the averager's lock is ours: a donor declines while
+            self.applying = True  # it is held, and that lock may wait for a timed-out attempt
             try:
-                with self.averager.state_writing():  # a download reads the new global copy with its round and hash
-                    norm = await loop.run_in_executor(None, apply_locked)
-                    new_hash = await loop.run_in_executor(None, mode.state_hash)
-                    # inner steps trained since the round began count towards the next round
-                    self._advance(r + 1, carried=(self.progress.round_steps - began_steps,
-                                                  self.progress.round_samples - began_samples), new_hash=new_hash)
+                norm = await loop.run_in_executor(None, apply_locked)
             finally:
                 self.applying = False
         else:
@@ -345,8 +349,8 @@ class StageSync(StageState):
             await publish()
         return metrics
 
-    def _advance(self, next_round: int, carried: tuple[int, int] = (0, 0), new_hash: str | None = None) -> None:
-        self.progress.global_hash = new_hash or self.strategy.state_hash()
+    def _advance(self, next_round: int, carried: tuple[int, int] = (0, 0)) -> None:
+        self.progress.global_hash = self.strategy.state_hash()
         self.progress.round, (self.progress.round_steps, self.progress.round_samples) = next_round, carried
         self.progress.syncing = False  # (an overlapped round still has to land: the stepper knows)
 

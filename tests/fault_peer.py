@@ -41,12 +41,11 @@ if "perturb_round" in faults:
     _advance = StageSync._advance
     target = int(faults["perturb_round"])
 
-    def _advance_perturbed(self, next_round, carried=(0, 0), new_hash=None):
+    def _advance_perturbed(self, next_round, carried=(0, 0)):
         if next_round == target + 1 and self.outer is not None:
             with torch.no_grad():
                 self.outer.global_params[0].add_(1e-3)  # the global copy of the first parameter
-            new_hash = None  # the hash of the perturbed weights
-        _advance(self, next_round, carried, new_hash)
+        _advance(self, next_round, carried)
 
     StageSync._advance = _advance_perturbed
 
