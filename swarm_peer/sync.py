@@ -248,7 +248,7 @@ class StageSync(StageState):
         weights, and the run clock moves by the group's alignment (the inner steps since the round began stay)."""
         def land():
             if metrics is not None:
-                metrics["overlapped_steps"] = self.progress.round_steps  # inner steps trained while it ran
+                metrics["overlapped_steps"] = self._since_began[0]  # inner steps trained while it ran
                 self.strategy.land()
                 aligned = self.trainer.clock + metrics["clock"] - self._began[2]
                 clock = aligned if self.training else max(self.trainer.clock, metrics["clock"])
