@@ -115,6 +115,10 @@ class StageAverager(DecentralizedAverager):
             async def join_unless_banned(leader: PeerID):  # a banned peer is never our leader
                 return None if self._is_banned(leader) else await request_join(leader)
             matchmaking._request_join_group, matchmaking.refuses_banned = join_unless_banned, True
+            # the post-assembly key shuffle samples group_size of range(target): a leader whose view of the stage
+            # was larger than ours assembles a bigger group, and a fixed target then fails our step ("Sample larger
+            # than population"). None sizes it by the group; the bits themselves we set per attempt (round_bits)
+            matchmaking.group_key_manager.target_group_size = None
         return await super()._step(step=step, future_for_init=future_for_init)
 
     def _my_gathered(self, group_info) -> dict:
@@ -159,7 +163,6 @@ class StageAverager(DecentralizedAverager):
     async def _set_target_group_size(self, size: int, future: MPFuture):
         self._matchmaking.target_group_size = size
         self._matchmaking.potential_leaders.target_group_size = size
-        self._matchmaking.group_key_manager.target_group_size = size  # its post-round key shuffle samples this many
         future.set_result(None)
 
     # ------------------------------------------------------------------------------------- state sharing

@@ -88,6 +88,7 @@ PINNED_SOURCES = {
     "averager.DecentralizedAverager._get_current_state_from_host_process": "ea407a807936",
     "averager.DecentralizedAverager.step": "0bccfba139de",
     "matchmaking.Matchmaking._request_join_group": "df823040a94d",
+    "key_manager.GroupKeyManager.update_key_on_group_assembled": "aa20396d475c",
 }
 
 

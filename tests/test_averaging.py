@@ -109,3 +109,30 @@ def test_multi_donor_download_with_a_dead_donor():
         assert averagers[0].download_state([str(dhts[3].peer_id)], len(state), timeout=10) is None
     finally:
         _stop(dhts, averagers)
+
+
+def test_a_group_larger_than_my_target_still_averages():
+    """Peers size their target group from their own view of the stage records, and views differ (a record not yet
+    seen, an outsider counted by one and not another). A follower whose target is 2 joined a leader's group of 3:
+    hivemind's post-assembly key shuffle then sampled 3 of range(2) and the follower's step died with "Sample larger
+    than population" (CI, test_hostile), failing the whole group's round."""
+    import time
+
+    gen = torch.Generator().manual_seed(2)
+    inputs = [[torch.randn(50, generator=gen)] for _ in range(3)]
+    dhts, averagers = _start(3, [[t.clone() for t in ts] for ts in inputs])
+    try:
+        averagers[2].set_target_group_size(2)
+        # the earliest to look for a group is the leader the others join: peer 0, whose target is 3
+        controls = [averagers[0].step(weight=1.0, timeout=30, allow_retries=False, wait=False)]
+        time.sleep(0.5)
+        controls += [a.step(weight=1.0, timeout=30, allow_retries=False, wait=False) for a in averagers[1:]]
+        gathered = [c.result(60) for c in controls]
+        assert [len(g) for g in gathered] == [3, 3, 3]
+        hashes = set()
+        for a in averagers:
+            with a.get_tensors() as ts:
+                hashes.add(tensors_hash(ts))
+        assert len(hashes) == 1
+    finally:
+        _stop(dhts, averagers)
