@@ -71,6 +71,7 @@ class StageWorker:
         self.upstream_online = 0
         self.upstream_ended = False  # the previous stage's records say it is done (idle/finished/offline)
         self.upstream_seen_at = time.monotonic()  # last time any record of the previous stage was visible
+        self.stage_read_at = time.monotonic()  # last successful read of this stage's records (_refresh_stage)
         self.upstream_ended_at: float | None = None  # first sight of an upstream peer that ended (run_end.py)
         self.upstream_heard_at: float | None = None  # the last training microbatch from upstream
         self.stats = defaultdict(int)
@@ -157,12 +158,22 @@ class StageWorker:
     # ------------------------------------------------------------------------------- same-stage sync glue
     def _refresh_stage(self) -> StageView:
         """Blocking: re-read this stage's records; what sync.py decides from (one StageView, handed over whole)."""
-        peers = [p for p in read_stage_records(self.dht, self.run_id, self.stage) if self.sync.trusts(p.peer_id)]
+        peers = read_stage_records(self.dht, self.run_id, self.stage)
+        sw, now = self.cfg.swarm, get_dht_time()
+        if self.announcer.last_expiration > now and not any(p.peer_id == self.peer_id for p in peers):
+            # our own live record is missing: the read failed (a timed-out get returns nothing), which says nothing
+            # of the mates. Until their records would have expired they count as unreachable, not gone: a round
+            # then neither waits for them nor ends "alone" as an agreed result (CI saw that split a stage)
+            last = self.sync.view
+            known = time.monotonic() - self.stage_read_at <= sw.record_ttl
+            view = StageView(silent=last.others + last.silent if known else ())
+            self.sync.see(view)
+            return view
+        self.stage_read_at = time.monotonic()
+        peers = [p for p in peers if self.sync.trusts(p.peer_id)]
         # a record not refreshed for a few announce periods belongs to a peer that is gone (killed, cut off): do not
         # wait for it in rounds until its record expires (swarm.record_ttl), which would stall the stage that long
-        sw = self.cfg.swarm
         stale_after = min(max(4 * sw.announce_period, 6.0), sw.record_ttl)
-        now = get_dht_time()
         fresh = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) <= stale_after]
         stale = [p.record for p in peers if now - (p.expires_at - sw.record_ttl) > stale_after]
         view = StageView(

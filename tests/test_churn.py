@@ -137,8 +137,9 @@ def test_churn_soak_two_stages_by_three_peers(swarm_factory):
         assert len(by_round) >= 5, by_round
         for r, hashes in by_round.items():
             # on failure: every peer's line for that round (outcome, group size) tells how the split happened
-            lines = [f"{n}: {line}" for n in names if int(n[1]) == stage for line in swarm.log(n).splitlines()
-                     if f"round {r} -> " in line or f"stage round {r}:" in line]
+            # (short: pytest cuts a long assertion message in the middle)
+            lines = [f"{n}: {line.split('] ', 1)[-1].split(', norm')[0][:90]}" for n in names if int(n[1]) == stage
+                     for line in swarm.log(n).splitlines() if f"round {r} -> " in line or f"stage round {r}:" in line]
             assert len(hashes) == 1, (stage, r, hashes, lines)
     # replacements caught up (downloaded the stage state) and served
     replacements = [n for n in final if int(n[3:]) >= 3]
