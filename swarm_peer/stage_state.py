@@ -50,6 +50,11 @@ class StageState:
         """Before serving: adopt the stage's current state from its peers; the first peer keeps the seeded init."""
         loop = asyncio.get_running_loop()
         view = await loop.run_in_executor(None, refresh)
+        for _ in range(5):  # a failed read is no proof that this peer is the stage's first
+            if not view.unreadable:
+                break
+            await asyncio.sleep(1.0)
+            view = await loop.run_in_executor(None, refresh)
         if self.mode == "none" or not view.others:
             log.info("no stage peers online; starting from the seeded init")
             return

@@ -166,7 +166,7 @@ class StageWorker:
             # then neither waits for them nor ends "alone" as an agreed result (CI saw that split a stage)
             last = self.sync.view
             known = time.monotonic() - self.stage_read_at <= sw.record_ttl
-            view = StageView(silent=last.others + last.silent if known else ())
+            view = StageView(silent=last.others + last.silent if known else (), unreadable=True)
             self.sync.see(view)
             return view
         self.stage_read_at = time.monotonic()

@@ -192,6 +192,8 @@ class StageSync(StageState):
                 # laggards further back recover from us instead. But a stage mate in this round whose record merely
                 # went quiet (an overloaded host, a slow DHT) may be averaging with others right now: a lone step
                 # then must not vote, or the round would end on two "agreed" hashes
+                if view.unreadable:
+                    return None, "alone (the stage's records could not be read)"
                 if any(o.round >= r - 1 for o in view.silent):
                     return None, "alone (stage peers in this round unreachable)"
                 if any(o.round > r and o.round_ok for o in view.departed):  # they completed it, then left (or were

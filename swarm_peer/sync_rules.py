@@ -31,6 +31,7 @@ class StageView:
     others: tuple[StageRecord, ...] = ()  # live mates that take part in rounds (stage_peers)
     silent: tuple[StageRecord, ...] = ()  # mates whose records stopped being refreshed (gone, or just slow)
     departed: tuple[StageRecord, ...] = ()  # mates whose fresh records say finished/offline
+    unreadable: bool = False  # the read failed (our own live record was missing): `silent` holds the last known mates
 
 
 # --------------------------------------------------------------------------------------------- pure decisions
