@@ -136,3 +136,26 @@ def decode(header: runtime_pb2.Tensor, buffer) -> torch.Tensor:
 def deserialize(msg: runtime_pb2.Tensor) -> torch.Tensor:
     """Decode a message made by `serialize` (or by hivemind) back to a tensor of the original dtype, on CPU."""
     return decode(msg, msg.buffer)
+
+
+def wire_nbytes(numel: int, codec: str, element_size: int = 4) -> int:
+    """Payload bytes of one float tensor of `numel` values under `codec`, as `encode` sends it (no tensor needed)."""
+    if codec in ("fp16", "bf16"):
+        return numel * min(element_size, 2)
+    if codec == "8bit" and numel >= _MIN_8BIT_NUMEL:
+        return numel + 8 + 256 * 4  # uint8 indices, the codebook's length and its 256 fp32 levels
+    return numel * element_size
+
+
+def wire_per_step(cfg, stage: int) -> tuple[int, int] | None:
+    """(bytes this stage's boundary hidden states and their gradients take per inner step under the configured
+    codecs, the same in fp32); None for a single stage. Per boundary and microbatch: batch_size / microbatch_size
+    microbatches of microbatch_size x seq_len x hidden_size values each way (token ids and labels are left out)."""
+    s = cfg.swarm
+    boundaries = (stage > 0) + (stage < s.num_stages - 1)
+    if not boundaries:
+        return None
+    numel = cfg.data.microbatch_size * cfg.data.seq_len * cfg.model.hidden_size
+    per_boundary = wire_nbytes(numel, s.compression.forward) + wire_nbytes(numel, s.compression.backward)
+    microbatches = cfg.data.batch_size // cfg.data.microbatch_size
+    return boundaries * microbatches * per_boundary, boundaries * microbatches * 2 * numel * 4

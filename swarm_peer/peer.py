@@ -250,6 +250,7 @@ def resume(worker, directory: str) -> None:
 def run_peer(cfg, args, shard: tuple[int, int]) -> int:
     from swarm_peer.baseline import resolve_device
     from swarm_peer.data import ShardSampler, load_corpus, validation_microbatches
+    from swarm_peer.compression import wire_per_step
     from swarm_peer.memory import check_fits
     from swarm_peer.records import local_public_key, make_validators
     from swarm_peer.stage_worker import StageWorker
@@ -259,6 +260,12 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
     memory = check_fits(cfg, args.stage, device)  # before anything is allocated
     print(f"[stage {args.stage}] memory estimate ({device.type}, {cfg.swarm.sync_mode}, {cfg.swarm.max_inflight} "
           f"microbatches in flight): {memory.describe()}", flush=True)
+    wire = wire_per_step(cfg, args.stage)
+    if wire is not None:  # what swarm.compression saves on the links to the neighbour stages
+        c, mib = cfg.swarm.compression, 2 ** 20
+        print(f"[stage {args.stage}] pipeline wire per batch of {cfg.data.batch_size} sequences: {wire[0] / mib:.2f} MiB "
+              f"(hidden states {c.forward}, their gradients {c.backward}; fp32 would be {wire[1] / mib:.2f} MiB, "
+              f"{1 - wire[0] / wire[1]:.0%} saved)", flush=True)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)

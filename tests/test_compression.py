@@ -174,3 +174,22 @@ def test_8bit_patch_is_idempotent():
     assert Quantization._original_extract is original and reloaded._original_extract_8bit is original
     assert Quantization.extract.__name__ == "_extract_8bit" and Quantization.extract is not original
     assert original.__module__ == "hivemind.compression.quantization"
+
+
+@pytest.mark.parametrize("codec", C.WIRE_CODECS)
+@pytest.mark.parametrize("numel, dtype", [(100, torch.float32), (5000, torch.float32), (5000, torch.bfloat16)])
+def test_wire_nbytes_is_what_encode_sends(codec, numel, dtype):
+    _, payload = C.encode(torch.randn(numel).to(dtype), codec)
+    assert C.wire_nbytes(numel, codec, dtype.itemsize) == len(payload)
+
+
+def test_wire_per_step_counts_each_boundary_both_ways():
+    from swarm_peer.config import load_config
+    sets = ["swarm.num_stages=3", "data.batch_size=8", "data.microbatch_size=2", "data.seq_len=16",
+            "model.hidden_size=64", "model.num_heads=4", "swarm.compression.forward=fp16", "swarm.compression.backward=8bit"]
+    cfg = load_config(None, sets)
+    numel = 2 * 16 * 64  # one microbatch's boundary hidden states
+    per_boundary = 4 * (numel * 2 + numel + 8 + 1024)  # 4 microbatches: fp16 out, 8-bit back
+    assert C.wire_per_step(cfg, 0) == (per_boundary, 4 * 2 * numel * 4)
+    assert C.wire_per_step(cfg, 1) == (2 * per_boundary, 2 * 4 * 2 * numel * 4)  # a middle stage has two
+    assert C.wire_per_step(load_config(None, ["swarm.num_stages=1"]), 0) is None

@@ -43,3 +43,17 @@ def test_exp1_tiny_writes_results(tmp_path, cache_dir):
     for png in ("loss_vs_tokens.png", "final_perplexity.png"):
         assert (out / png).stat().st_size > 1000
     assert (out / "results.md").read_text().startswith("| method |")
+
+
+def test_exp4_compares_the_wire_codecs_on_the_same_diloco_swarm():
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("experiments_run", ROOT / "scripts" / "experiments" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    _, specs = run.methods_for("exp4", argparse.Namespace(steps=50, sync_every=10))
+    assert [s["name"] for s in specs] == [f"diloco_swarm_{c}" for c in ("none", "fp16", "bf16", "8bit")]
+    for s, codec in zip(specs, ("none", "fp16", "bf16", "8bit")):
+        assert s["steps"] == 50 and "swarm.sync_mode=diloco" in s["sets"] and "swarm.sync_every=10" in s["sets"]
+        assert {f"swarm.compression.forward={codec}", f"swarm.compression.backward={codec}"} <= set(s["sets"])

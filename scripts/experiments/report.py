@@ -14,6 +14,7 @@ PUBLISHED = {
              "_notes": "single GPU trained on 4x fewer tokens: 37.16; SWARM: 30.22; DiLoCo-SWARM (H=50): 30.15"},
     "exp2": {"H=10": 27.95, "H=20": 28.61, "H=50": 30.15, "H=100": 30.49, "H=200": 31.27},
     "exp3": {"_notes": "no published model-size numbers were given to us"},
+    "exp4": {"_notes": "the report publishes no codec comparison"},
 }
 
 
@@ -90,14 +91,14 @@ def markdown(results: dict) -> str:
     pub = results.get("published", {})
     notes_disagree: list[str] = []
     rows = ["| method | group | tokens | final val loss | perplexity | published ppl | train wall s | "
-            "sync MiB sent | rounds (stage 0/1) | replicas agree | recoveries |", "|" + "---|" * 11]
+            "sync MiB sent | pipeline MiB sent | rounds (stage 0/1) | replicas agree | recoveries |", "|" + "---|" * 12]
     for name, m in results["methods"].items():
         rounds = "/".join(str(v) for v in m.get("rounds", {}).values()) or "-"
         agree = "-" if "replicas_agree" not in m else ("yes" if all(m["replicas_agree"].values()) else "NO")
         published = pub.get(m.get("published_key", name), "-")
         rows.append(f"| {name} | {m.get('group', '-')} | {m['tokens']:,} | {m['final_val_loss']:.4f} | "
                     f"{m['final_val_perplexity']:.3f} | {published} | {m['train_wall_s']:.0f} | "
-                    f"{m['sync_bytes_sent'] / 2**20:.1f} | {rounds} | {agree} | {m.get('recoveries', '-')} |")
+                    f"{m['sync_bytes_sent'] / 2**20:.1f} | {m['pipeline_bytes_sent'] / 2**20:.1f} | {rounds} | {agree} | {m.get('recoveries', '-')} |")
         if agree == "NO":
             notes_disagree.append(f"{name}: replicas differ at the end; final val loss of peer p's model of every "
                                   f"stage: {', '.join(f'{x:.4f}' for x in m['replica_val_losses'])}")
