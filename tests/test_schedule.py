@@ -53,7 +53,9 @@ def test_joiner_and_later_stages_follow_the_stage_schedule(swarm_factory):
     # ... and it ends with its stage's run, not MAX_STEPS of its own later
     joined_at = bisect.bisect_right([e["t"] for e in a], first["t"])  # stage mate's steps done by then
     assert joined_at < MAX_STEPS - 10, f"joined too late to tell ({joined_at})"
-    assert len(j) <= MAX_STEPS - joined_at + 2, f"joiner took {len(j)} steps after joining at step {joined_at}"
+    # (rounds align the two clocks at their mean, so the faster of the two takes a few more of the remaining steps:
+    # CI once saw the joiner take 53 of 98 after joining at 31; running MAX_STEPS of its own would be 80)
+    assert len(j) <= MAX_STEPS - joined_at + 6, f"joiner took {len(j)} steps after joining at step {joined_at}"
     assert _within(j[-1]["lr"], [e["lr"] for e in a[-2:]]), (j[-1]["lr"], a[-2:])
 
     # stage 1 takes more steps than stage 0's peers (it serves both), on stage 0's schedule
