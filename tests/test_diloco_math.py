@@ -95,3 +95,23 @@ def test_an_fp16_pseudo_gradient_buffer_holds_exactly_what_the_fp16_codec_would_
         wire = deserialize_torch_tensor(codec.compress(e, CompressionInfo.from_tensor(e)))
         assert torch.equal(wire.to(torch.float16), h)
         assert torch.isfinite(h).all()
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_the_outer_step_is_plain_ieee_fp32_one_operation_at_a_time(nesterov):
+    """Bit for bit what numpy computes one correctly rounded float32 operation at a time: no fused multiply-add (which
+    some CPUs' kernels would use and others not) can make two replicas' weights differ."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(3)
+    g0, buf0 = torch.randn(3000, generator=gen), torch.randn(3000, generator=gen)
+    delta = (torch.randn(3000, generator=gen) * 1e-2).to(torch.float16)  # the fp16 averaging buffer
+    cfg = OuterOptimConfig(lr=0.7, momentum=0.9, nesterov=nesterov)
+    outer = OuterOptimizer([g0.clone()], cfg)
+    outer.buffers[0].copy_(buf0)
+    outer.step([delta])
+    f32 = np.float32
+    b = buf0.numpy() * f32(0.9) + delta.numpy().astype(f32)
+    update = (b * f32(0.9) + delta.numpy().astype(f32)) if nesterov else b
+    want = g0.numpy() - update * f32(0.7)
+    assert np.array_equal(outer.buffers[0].numpy(), b) and np.array_equal(outer.global_params[0].numpy(), want)
