@@ -22,6 +22,10 @@ def main() -> int:
         from swarm_peer.peer import main as peer_main
 
         return peer_main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handler is up (a peer's start-up: data, DHT, join);
+        # whatever had started was stopped on the way out (each command's `finally`)
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `swarm-peer status --json | head`: the reader has what it wanted
         import os
 

@@ -81,3 +81,35 @@ def test_help_lists_every_command_and_each_tool_says_what_it_needs():
     local = subprocess.run(["bash", "run_local_experiment.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
     assert local.returncode == 0 and "Ctrl-C" in local.stdout and "pipefail" not in local.stdout
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130():
+    """Ctrl-C before the peer serves (loading data, starting its DHT, joining) printed a KeyboardInterrupt traceback
+    (seen with configs/gpt2-small.yaml offline, in the tokenizer's download retries). It must be one line, exit 130,
+    and leave no p2pd or DHT process behind."""
+    import os
+    import signal
+    import time
+
+    from swarm_peer.launch import group_pids
+
+    proc = subprocess.Popen([PYTHON, "-m", "swarm_peer", "--stage", "0", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        first = proc.stdout.readline()  # the memory estimate: printed first thing, before data and the DHT
+        assert "memory estimate" in first, first
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 10
+    while group_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_pids(proc.pid)
+    assert "Traceback" not in out + err, (out + err)[-3000:]
+    assert "serving layers" not in out, "the signal came too late to test start-up"
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0], err[-2000:]
