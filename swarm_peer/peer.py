@@ -174,6 +174,9 @@ def setup_logging(verbose: bool, tag: str = "swarm_peer") -> None:
 
     hivemind_logging.use_hivemind_log_handler("nowhere")  # its lines go through the handler above
     logging.getLogger("hivemind").setLevel(os.environ["HIVEMIND_LOGLEVEL"])
+    from huggingface_hub.utils import logging as hub_logging  # adds its own stderr handler at import, and its
+
+    hub_logging.get_logger().handlers.clear()  # lines propagate to ours too: each download retry printed twice
 
 
 def main(argv: list[str] | None = None) -> int:
