@@ -53,7 +53,8 @@ def test_exp4_compares_the_wire_codecs_on_the_same_diloco_swarm():
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
     _, specs = run.methods_for("exp4", argparse.Namespace(steps=50, sync_every=10))
-    assert [s["name"] for s in specs] == [f"diloco_swarm_{c}" for c in ("none", "fp16", "bf16", "8bit")]
-    for s, codec in zip(specs, ("none", "fp16", "bf16", "8bit")):
+    assert [s["name"] for s in specs] == [f"diloco_swarm_{c}" for c in ("none", "fp16", "bf16", "8bit", "8bit_bf16")]
+    for s, (fwd, bwd) in zip(specs, [("none", "none"), ("fp16", "fp16"), ("bf16", "bf16"), ("8bit", "8bit"),
+                                     ("8bit", "bf16")]):
         assert s["steps"] == 50 and "swarm.sync_mode=diloco" in s["sets"] and "swarm.sync_every=10" in s["sets"]
-        assert {f"swarm.compression.forward={codec}", f"swarm.compression.backward={codec}"} <= set(s["sets"])
+        assert {f"swarm.compression.forward={fwd}", f"swarm.compression.backward={bwd}"} <= set(s["sets"])

@@ -7,7 +7,8 @@ exp1  single-process baseline vs SWARM (swarm.sync_mode=sync: gradient all-reduc
 exp2  DiLoCo-SWARM communication frequency: H in --h-values (default 5 10 20 50)
 exp3  model size: h128 L4 (0.8M parameters) and the config's model (tiny.yaml: h192 L6, 2.8M), baseline vs
       DiLoCo-SWARM (--exp3-large: the config's model and h256 L8, 6.4M; about 3x slower)
-exp4  pipeline wire codecs: DiLoCo-SWARM with hidden states and their gradients in none (fp32), fp16, bf16, 8bit
+exp4  pipeline wire codecs: DiLoCo-SWARM with hidden states and their gradients in none (fp32), fp16, bf16, 8bit, and
+      8-bit hidden states with bf16 gradients
 
 Each stage-0 peer runs N inner steps of data.batch_size sequences on its half of the data, so a swarm trains on 2N
 batches; the baseline gets 2N steps of the same batch. Every method's final model (the baseline's weights; for a
@@ -38,7 +39,8 @@ TINY = ["model.hidden_size=64", "model.num_heads=4", "model.num_layers=4", "mode
         "optim.inner.warmup_steps=2", "swarm.announce_period=0.5", "swarm.record_ttl=6", "swarm.matchmaking_time=2",
         "swarm.averaging_timeout=30", "swarm.averaging_chunk_timeout=5", "run.eval_interval=0"]
 DEFAULT_STEPS = 50  # N: ~11 min for exp1 on 2 shared cores (load ~8); 100 doubles it
-CODECS = ("none", "fp16", "bf16", "8bit")  # exp4's (swarm.compression.forward = backward)
+# exp4's (swarm.compression.forward, .backward): each codec both ways, and 8-bit hidden states with bf16 gradients
+CODECS = (("none", "none"), ("fp16", "fp16"), ("bf16", "bf16"), ("8bit", "8bit"), ("8bit", "bf16"))
 SIZES = {  # exp3's model pairs: label -> overrides ([] = the config's own model, tiny.yaml: h192 L6, 2.8M parameters)
     "default": {"small": ["model.hidden_size=128", "model.num_layers=4", "model.num_heads=4"], "config": []},
     "large": {"config": [], "large": ["model.hidden_size=256", "model.num_layers=8", "model.num_heads=8"]},
@@ -73,10 +75,11 @@ def methods_for(exp: str, a) -> tuple[str, list[dict]]:
         return (f"model size: baseline (2N steps) vs DiLoCo-SWARM (H={h}, N={n} steps per stage-0 peer)", specs)
     if exp == "exp4":
         return (f"pipeline wire codecs: DiLoCo-SWARM (H={h}), 2 stages x 2 peers, N={n} steps per stage-0 peer, with "
-                f"hidden states and their gradients sent as {', '.join(CODECS)}",
-                [dict(name=f"diloco_swarm_{c}", kind="swarm", steps=n, published_key=c,
-                      sets=[*diloco(h), f"swarm.compression.forward={c}", f"swarm.compression.backward={c}"])
-                 for c in CODECS])
+                f"hidden states / their gradients sent as {', '.join('/'.join(c) for c in CODECS)}",
+                [dict(name=f"diloco_swarm_{f}" + (f"_{b}" if b != f else ""), kind="swarm", steps=n,
+                      published_key=f"{f}/{b}",
+                      sets=[*diloco(h), f"swarm.compression.forward={f}", f"swarm.compression.backward={b}"])
+                 for f, b in CODECS])
     raise ValueError(exp)
 
 
