@@ -15,6 +15,11 @@ COMMANDS = {  # name -> (module, what it does)
 def main() -> int:
     import importlib
 
+    import signal
+
+    # Ctrl-C raises KeyboardInterrupt (below) even where the parent ignored SIGINT, as a non-interactive shell does for
+    # its background jobs (`cmd &`): a peer started that way could not be stopped during its start-up (CI saw it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = sys.argv[1:]
     try:
         if argv and argv[0] in COMMANDS:

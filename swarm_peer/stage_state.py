@@ -59,11 +59,26 @@ class StageState:
             log.info("no stage peers online; starting from the seeded init")
             return
         self.progress.round_ok = False  # not a voter until it holds the stage's state
-        for _ in range(10):
+        # mates that exist but of which none votes (each failed its last round, which leaves it out of the vote
+        # until its next one agrees) hold no agreed state to download, and the seeded init is not the stage's
+        # either: wait for a vote. Taking "no donor" for "mine is the stage's" once restarted a stage from scratch
+        wait_until = time.monotonic() + max(10.0, self.cfg.swarm.averaging_timeout)
+        tries = 0
+        while tries < 10:
             donors = self.donors()
-            if not donors or await self.recover(donors, "joining the stage", refresh):
+            voting = any(o.round_ok for o in self.others)
+            if donors:
+                tries += 1
+                if await self.recover(donors, "joining the stage", refresh):
+                    self.progress.round_ok = True
+                    return
+            elif voting or not self.others:  # what the voters hold is mine (the stage's first round), or all left
                 self.progress.round_ok = True
                 return
+            elif time.monotonic() > wait_until:
+                log.warning(f"no stage peer has voted for {max(10.0, self.cfg.swarm.averaging_timeout):.0f}s (their "
+                            f"rounds keep failing)")
+                break
             await asyncio.sleep(1.0)
             await loop.run_in_executor(None, refresh)
         log.warning("could not download the stage state; starting from the seeded init")

@@ -318,6 +318,7 @@ class StageWorker:
 
         tokens = self.trainer.samples_stepped * self.cfg.data.seq_len
         wall = getattr(self, "wall", time.monotonic() - self.started)
+        phases = self.stepper.phase_report()
         return {
             "kind": "peer", "stage": self.stage, "num_stages": self.spec.num_stages, "peer_id": self.peer_id,
             "layers": [self.spec.start, self.spec.end], "state": self.state,
@@ -331,6 +332,7 @@ class StageWorker:
             "compute_time_s": self.trainer.compute_seconds,
             "forwarded_to": self.router.sent_counts() if self.router else {}, "checkpoints": self.checkpoint_times, "transport": STATS.snapshot(),
             "final_weights_hash": self.trainer.weights_hash(), "fingerprint": self.fingerprint,
-            "sync": self.sync.summary(), "phase_seconds": self.stepper.phase_report(), "eval_curve": self.telemetry.eval_curve, "resumed_from": self.resumed_from,
+            "sync": self.sync.summary(), "phase_seconds": phases, "sync_blocked_share": Stepper.sync_blocked_share(phases, wall),
+            "eval_curve": self.telemetry.eval_curve, "resumed_from": self.resumed_from,
             "config": self.cfg.model_dump(mode="json"),
         }

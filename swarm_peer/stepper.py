@@ -123,6 +123,12 @@ class Stepper:
             report[self.phase.value] += time.monotonic() - self._phase_since
         return report
 
+    @staticmethod
+    def sync_blocked_share(phases: dict[str, float], wall: float) -> float:
+        """The share of wall time in which the peer admitted no training request because of same-stage sync
+        (DRAINING + AVERAGING; an overlapped round's time is TRAINING)."""
+        return (phases.get(Phase.DRAINING.value, 0.0) + phases.get(Phase.AVERAGING.value, 0.0)) / max(wall, 1e-9)
+
     def _after_step(self, waiters: list, done: set) -> AfterStep:
         outer = self.sync.strategy.outer_rounds
         running = self._overlapped is not None

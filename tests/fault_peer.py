@@ -13,8 +13,8 @@ Usage (the harness's `prefix`): python tests/fault_peer.py <python> -m swarm_pee
                                                 thread: a line "AVERAGER LOCK ON THE COMPUTE THREAD" in the log
                               slow=S            every forward takes S s longer (a slower machine; its measured
                                                 throughput, which routing reads, includes the delay)
-                              blind_round=R     every DHT read of stage records fails (returns nothing, as a
-                                                timed-out get does) while this peer runs its round R
+                              blind_round=R[+R...]  every DHT read of stage records fails (returns nothing, as
+                                                a timed-out get does) while this peer runs its round R
                               crash_in_round    kill -9 of the whole peer (its process group) while its averager
                                                 reduces its first all-reduce, between a part's sum and its reply
 """
@@ -85,14 +85,14 @@ if "blind_round" in faults:
     from swarm_peer import stage_worker
     from swarm_peer.sync import StageSync
 
-    blind, blind_target = threading.Event(), int(faults["blind_round"])
+    blind, blind_rounds = threading.Event(), {int(r) for r in faults["blind_round"].split("+")}
     _read_records, _average = stage_worker.read_stage_records, StageSync._average
 
     def read_blindly(*args, **kwargs):
         return [] if blind.is_set() else _read_records(*args, **kwargs)
 
     async def average_blind(self, r, *args, **kwargs):
-        if r == blind_target:
+        if r in blind_rounds:
             blind.set()
         try:
             return await _average(self, r, *args, **kwargs)

@@ -94,3 +94,5 @@ def test_phase_clock_accounts_every_second_once(monkeypatch):
     report = stepper.phase_report()
     assert report["training"] == 7.0 and report["draining"] == 3.0 + 2.0 and report["stepping"] == 1.0
     assert report["averaging"] == 4.0 and sum(report.values()) == 17.0
+    # what same-stage sync kept the peer from serving: DRAINING + AVERAGING, not STEPPING or TRAINING
+    assert Stepper.sync_blocked_share(report, 17.0) == (5.0 + 4.0) / 17.0

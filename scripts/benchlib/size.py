@@ -2,7 +2,7 @@
 stage; the tiny config under --tiny), 2 stages x 2 DiLoCo peers + the monitor, checkpoints on, and a fifth peer
 (stage 1) joining mid-run. Per peer: whole footprint (PSS of its process tree) against its training state; tokens/s;
 each round's time against the time the transport needs for its bytes; the join's download against its bytes; the
-compute pause of a checkpoint against a step."""
+compute pause of a checkpoint against a step; the share of wall time same-stage sync kept a peer from serving."""
 from __future__ import annotations
 
 import shutil
@@ -117,7 +117,8 @@ def _figures(summaries: dict, bw: float, p2p: float, cfg) -> dict:
                        "g.round_vs_transport_max": max(r["ratio"] for r in rounds),
                        "g.allreduce_vs_transport_median": statistics.median(r["allreduce_ratio"] for r in rounds),
                        "g.join_vs_transport": j["seconds"] / (2 * join_wire + 5),
-                       "g.checkpoint_pause_vs_step_max": max(c["ratio"] for c in checkpoints)},
+                       "g.checkpoint_pause_vs_step_max": max(c["ratio"] for c in checkpoints),
+                       "g.sync_blocked_share_max": max(s["sync_blocked_share"] for s in summaries.values())},
             "rows": rows, "rounds": rounds, "checkpoints": checkpoints,
             "figures": {"tokens_per_s": tokens, "loopback_bytes_per_s": bw, "p2p_stream_bytes_per_s": p2p,
                         "join_seconds": j["seconds"],
@@ -137,6 +138,9 @@ def _figures(summaries: dict, bw: float, p2p: float, cfg) -> dict:
                                                    "to within 0.5 s)",
                 "g.join_vs_transport": "the fifth peer's state download ('joining the stage': request, download, "
                                        "checks, load) / (2 x bytes / the P2P bandwidth + 5 s); target <= 1",
+                "g.sync_blocked_share_max": "the share of a peer's wall time in which it admitted no training "
+                                            "request because of same-stage sync (DRAINING + AVERAGING: "
+                                            "stepper.Stepper.sync_blocked_share); target <= 0.02; the largest peer",
                 "g.checkpoint_pause_vs_step_max": "time the compute thread is held by a checkpoint (capture and "
                                                   "serialization into the file; fsync and rename run elsewhere) / "
                                                   "that peer's median time between inner steps; target <= 1"}}

@@ -30,12 +30,6 @@ def _mean_by_step(curves: list[list[list[float]]]) -> list[list[float]]:
     return [[s, sum(v) / len(v)] for s, v in sorted(by_step.items())]
 
 
-def sync_blocked_share(summary: dict) -> float:
-    """(DRAINING + AVERAGING) / wall time of one peer (stepper.Phase: an overlapped round's time is TRAINING)."""
-    phases = summary.get("phase_seconds", {})
-    return (phases.get("draining", 0.0) + phases.get("averaging", 0.0)) / max(summary.get("wall_time_s", 0.0), 1e-9)
-
-
 def method_result(kind: str, raw: dict, cfg, loss: float, hashes: list[dict] | None = None,
                   replica_losses: list[float] | None = None) -> dict:
     """cfg: the method's config; loss: final validation loss of its final model (harness.final_eval); a swarm's
@@ -78,7 +72,8 @@ def method_result(kind: str, raw: dict, cfg, loss: float, hashes: list[dict] | N
         global_hash={n: v["sync"]["global_hash"] for n, v in sorted(summ.items())},
         replica_val_losses=replica_losses,
         # the share of a peer's wall time in which it admitted no training request because of same-stage sync
-        sync_blocked_share={n: sync_blocked_share(v) for n, v in sorted(summ.items())})
+        # (DRAINING + AVERAGING) / wall time, as each peer reported it (stepper.Stepper.sync_blocked_share)
+        sync_blocked_share={n: v["sync_blocked_share"] for n, v in sorted(summ.items())})
     if hashes is not None:  # the evaluated files are what the peers reported: their weights and the global model
         res["saved_weights_match_summary"] = all(
             h["weights"] == summ[f"stage{s}_peer0"]["final_weights_hash"] for s, h in enumerate(hashes))
