@@ -67,11 +67,15 @@ class AfterStep:
 
 def next_action(f: AfterStep) -> Action:
     """One action at a time, each at most once per step, in this order: landing an overlapped round (waited for when
-    the next round would be due, or a caller, a recovery or a checkpoint needs the stage state settled), the outer round (whose outcome may be that
-    this peer is behind), the recovery, the checkpoint (of what the first three left), then reopening."""
+    the next round would be due, or a caller, a recovery or a checkpoint needs the stage state settled), the recovery
+    when this peer already knows it is behind or disagrees (a round from other weights than its mates' would not
+    vote: overlapped rounds back to back once never recovered), the outer round, the recovery when that round found
+    this peer behind, the checkpoint (of what the others left), then reopening."""
     if Action.LAND not in f.done and (f.round_landed or f.round_running and (
             f.round_overdue or f.callers_wait or f.behind or f.disagrees or f.checkpoint_due)):
         return Action.LAND
+    if (f.behind or f.disagrees) and Action.RECOVER not in f.done:
+        return Action.RECOVER
     if f.outer_rounds and not f.stopping and not f.round_running and (f.round_due or f.round_asked) and \
             Action.OUTER_ROUND not in f.done:
         return Action.OUTER_ROUND
@@ -261,6 +265,8 @@ class Stepper:
         self._overlapped = None
         await self.sync.land(metrics)
         self._report(metrics)
+        if metrics is not None and not metrics["ok"]:  # look at the stage as it is now: the next round is often
+            await self._in_thread(self._refresh)  # due at once, and the recovery must come before it (next_action)
 
     def _report(self, metrics: dict | None) -> None:
         if metrics is None:

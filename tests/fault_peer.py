@@ -9,6 +9,7 @@ Usage (the harness's `prefix`): python tests/fault_peer.py <python> -m swarm_pee
                               fail_after_allreduce=R[+R...]  this peer's side of round R's all-reduce fails after
                                                 the groupmates have completed it (a reply lost at the very end);
                                                 R = "end": every round at the run's end (clock >= --max-steps - 1)
+                              fail_once_from=R  the same, once: the first all-reduce this peer reaches in a round >= R
                               guard_averager    report any use of the averager's tensors (its lock) on the compute
                                                 thread: a line "AVERAGER LOCK ON THE COMPUTE THREAD" in the log
                               slow=S            every forward takes S s longer (a slower machine; its measured
@@ -51,20 +52,24 @@ if "perturb_round" in faults:
 
     StageSync._advance = _advance_perturbed
 
-if "fail_after_allreduce" in faults:
+if "fail_after_allreduce" in faults or "fail_once_from" in faults:
     from hivemind.averaging.partition import AllreduceException
 
     from swarm_peer.averaging import StageAverager
 
     _run = StageAverager._run_allreduce_inplace_
-    failing = faults["fail_after_allreduce"].split("+")
-    rounds = {int(r) for r in failing if r != "end"}
+    failing = faults.get("fail_after_allreduce", "").split("+")
+    rounds = {int(r) for r in failing if r not in ("end", "")}
     end = float(sys.argv[sys.argv.index("--max-steps") + 1]) if "end" in failing else None
+    once_from = [int(faults["fail_once_from"])] if "fail_once_from" in faults else []  # the averager process's
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         await _run(self, tensors, group_info, group_id, **kwargs)  # the groupmates get everything and complete
         mine = self._my_gathered(group_info)
-        if mine.get("round") in rounds or (end is not None and mine.get("clock", 0) >= end - 1):
+        once = bool(once_from) and mine.get("round", -1) >= once_from[0]
+        if once:
+            once_from.clear()
+        if once or mine.get("round") in rounds or (end is not None and mine.get("clock", 0) >= end - 1):
             raise AllreduceException("test fault: this side failed after the all-reduce")
 
     StageAverager._run_allreduce_inplace_ = _run_allreduce_inplace_

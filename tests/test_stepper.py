@@ -13,8 +13,9 @@ def _facts(mode="diloco", **kw) -> AfterStep:
     return AfterStep(**{**base, **kw})
 
 
-def _plan(**kw) -> list[Action]:
-    """The actions one step takes, the facts held fixed except what the actions themselves settle."""
+def _plan(round_finds_behind=False, **kw) -> list[Action]:
+    """The actions one step takes, the facts held fixed except what the actions themselves settle (and, with
+    `round_finds_behind`, what the outer round finds out)."""
     done, plan = set(), []
     while (action := next_action(_facts(**kw, done=frozenset(done)))) is not Action.REOPEN:
         assert action not in done and len(plan) < 5, plan
@@ -22,6 +23,10 @@ def _plan(**kw) -> list[Action]:
         plan.append(action)
         if action is Action.LAND:  # the overlapped round is over once landed
             kw.update(round_running=False, round_landed=False)
+        if action is Action.OUTER_ROUND and round_finds_behind:
+            kw.update(behind=True)
+        if action is Action.RECOVER:
+            kw.update(behind=False, disagrees=False)
     return plan
 
 
@@ -33,9 +38,12 @@ def test_nothing_due_reopens_at_once():
 def test_diloco_round_then_recovery_then_checkpoint_each_once():
     assert _plan(round_due=True) == [Action.OUTER_ROUND]
     assert _plan(round_asked=True) == [Action.OUTER_ROUND]  # the end of training asks for the last merge
-    assert _plan(round_due=True, behind=True, checkpoint_due=True) == [
+    assert _plan(round_due=True, round_finds_behind=True, checkpoint_due=True) == [
         Action.OUTER_ROUND, Action.RECOVER, Action.CHECKPOINT]
     assert _plan(disagrees=True) == [Action.RECOVER]
+    # known before the round: recovered first (a round from other weights than the mates' would not vote)
+    assert _plan(round_due=True, disagrees=True) == [Action.RECOVER, Action.OUTER_ROUND]
+    assert _plan(round_due=True, behind=True) == [Action.RECOVER, Action.OUTER_ROUND]
     assert _plan(mode="sync", behind=True) == [Action.RECOVER]  # sync mode's round failed before the step
 
 
@@ -53,6 +61,11 @@ def test_an_overlapped_round_lands_at_a_step_and_is_waited_for_only_when_needed(
     assert _plan(round_running=True, callers_wait=True, round_asked=True) == [Action.LAND, Action.OUTER_ROUND]
     assert _plan(round_running=True, checkpoint_due=True) == [Action.LAND, Action.CHECKPOINT]
     assert _plan(round_running=True, behind=True) == [Action.LAND, Action.RECOVER]
+    # landed on a failed side, the next round overdue (rounds back to back): the recovery comes between them
+    assert _plan(round_running=True, round_landed=True, round_due=True, disagrees=True) == [
+        Action.LAND, Action.RECOVER, Action.OUTER_ROUND]
+    assert _plan(round_running=True, round_overdue=True, round_due=True, behind=True) == [
+        Action.LAND, Action.RECOVER, Action.OUTER_ROUND]
     # H inner steps since it began and still out: waited for, so an update is never more than one round late
     assert _plan(round_running=True, round_overdue=True, round_due=True) == [Action.LAND, Action.OUTER_ROUND]
 
@@ -65,7 +78,7 @@ def test_every_combination_ends_in_reopen_in_order(flags):
         plan = _plan(mode=mode, round_due=round_due, round_asked=round_asked, stopping=stopping, behind=behind,
                      disagrees=disagrees, checkpoint_due=checkpoint_due, round_running=running, round_landed=landed,
                      callers_wait=round_asked, round_overdue=overdue)
-        order = [Action.LAND, Action.OUTER_ROUND, Action.RECOVER, Action.CHECKPOINT]
+        order = [Action.LAND, Action.RECOVER, Action.OUTER_ROUND, Action.CHECKPOINT]
         assert plan == sorted(plan, key=order.index)
         settles = landed or running and (overdue or round_asked or behind or disagrees or checkpoint_due)
         assert (Action.LAND in plan) == settles

@@ -1,0 +1,46 @@
+"""An overlapped outer round that failed on one peer's side must be followed by a recovery, before that peer's next
+round, even when rounds run back to back.
+
+CI (test_diloco_swarm, overlapped rounds on a loaded machine): a stage-1 peer's end of round 0's all-reduce failed,
+so its global copy differed from its mate's; each later round was already overdue when the previous one landed, so
+the next round began at once, the peer was "syncing" again, and a disagreeing peer that is syncing is no donor
+seeker: it averaged every later round from other weights than its mate's (none voted, 9 of 9 failed) and recovered
+only at the run's end. Here rounds are back to back by construction (H = 1: every round is overdue at the next
+step), and b's side of the first all-reduce it reaches from round FROM_ROUND on fails after a has completed it
+(tests/fault_peer.py fail_once_from)."""
+import pytest
+from hivemind import DHT
+
+from swarm_peer.records import make_validators
+from tests.conftest import PYTHON, ROOT
+
+pytestmark = pytest.mark.slow
+FROM_ROUND = 2
+STEPS = 24
+
+
+def test_a_peer_whose_overlapped_round_failed_recovers_before_its_next_round(swarm_factory):
+    swarm = swarm_factory("overlapfail", ["swarm.num_stages=1", "swarm.sync_every=1", "swarm.overlap_rounds=true",
+                                          "run.eval_interval=1000"])
+    boot = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators("overlapfail", 1))
+    try:
+        swarm.bootstrap = str(boot.get_visible_maddrs()[0])
+        fault_peer = (PYTHON, str(ROOT / "tests" / "fault_peer.py"))  # slow: each one's run outlasts the other's start
+        swarm.start("a", 0, "--max-steps", str(STEPS), prefix=fault_peer, env={"SWARM_TEST_FAULTS": "slow=0.1"})
+        swarm.start("b", 0, "--max-steps", str(STEPS), prefix=fault_peer,
+                    env={"SWARM_TEST_FAULTS": f"fail_once_from={FROM_ROUND},slow=0.1"})
+        for name in ("a", "b"):
+            assert swarm.wait_exit(name, 300) == 0, swarm.log(name)[-3000:]
+    finally:
+        boot.shutdown()
+    a, b = swarm.summary("a"), swarm.summary("b")
+    rounds = b["sync"]["rounds"]
+    brief = [(r["round"], r["ok"], r["group_size"], r["outcome"][:24]) for r in rounds]
+    failed = sorted(r["round"] for r in rounds if not r["ok"])
+    assert failed and failed[0] >= FROM_ROUND, brief  # the fault happened
+    assert any(r["overlapped_steps"] for r in rounds if r["ok"]), brief  # rounds did overlap training
+    # the failed round, and at most the next one (begun before the failure was known), are all it did not agree on
+    assert failed[-1] <= failed[0] + 1, brief
+    recovered = [e["round"] for e in b["sync"]["recoveries"]]
+    assert any(failed[0] < r <= failed[0] + 2 for r in recovered), (recovered, failed)
+    assert a["sync"]["global_hash"] == b["sync"]["global_hash"]
