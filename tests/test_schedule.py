@@ -34,7 +34,7 @@ def test_joiner_and_later_stages_follow_the_stage_schedule(swarm_factory):
     swarm.wait_ready("c")
     swarm.start("a", 0, "--data-shard", "0/2")
     deadline = time.monotonic() + 240
-    while not re.search(rf"\| inner step (1[4-9]|[2-9]\d)\b", swarm.log("a")):  # past the warmup
+    while not re.search(r"\| inner step (1[4-9]|[2-9]\d)\b", swarm.log("a")):  # past the warmup
         assert time.monotonic() < deadline and swarm.procs["a"].poll() is None, swarm.log("a")[-3000:]
         time.sleep(0.2)
     swarm.start("j", 0, "--data-shard", "1/2")
