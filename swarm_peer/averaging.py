@@ -200,8 +200,9 @@ class StageAverager(DecentralizedAverager):
 
     def download_state(self, donors: list[str], num_tensors: int, timeout: float) -> Optional[tuple[dict, list]]:
         """Fetch all `num_tensors` state tensors, split across `donors` (base58 peer ids) and fetched concurrently; a
-        failed donor's share goes to the others. Returns (metadata, tensors) or None. All donors must report the same
-        metadata (round and hash): a donor that moved on mid-download makes the whole download fail."""
+        failed donor's share goes to the others. Returns (metadata, tensors) or None. Every tensor is of one version
+        (round and hash): when donors serve different ones (a stage that runs rounds back to back moves on
+        mid-download), the version that served the most tensors is kept and fetched whole from its donors."""
         future = MPFuture()
         self._outer_pipe.send(("_download_state", [], dict(donors=donors, num_tensors=num_tensors, timeout=timeout,
                                                              future=future)))
@@ -224,12 +225,15 @@ class StageAverager(DecentralizedAverager):
                              declined: set[str]):
         peers = [PeerID.from_base58(d) for d in donors if d != str(self.peer_id)]
         tensors: dict[int, torch.Tensor] = {}
-        versions, first_metadata = set(), None  # every donor must serve the same (round, hash)
+        version, kept_metadata = None, None  # the (round, hash) every tensor is of
         todo = list(range(num_tensors))
-        while todo and peers:
+        for _ in range(4 * len(peers) + 4):  # each pass ends a donor or fetches what is left: bounded
+            if not (todo and peers):
+                break
             shares = {peer: todo[i::len(peers)] for i, peer in enumerate(peers)}
             results = await asyncio.gather(*(self._fetch(peer, share, timeout) for peer, share in shares.items()
                                              if share), return_exceptions=True)
+            served: dict[tuple, list] = {}  # version -> [(peer, share, tensors, metadata)] of this pass
             for (peer, share), result in zip([(p, s) for p, s in shares.items() if s], results):
                 if isinstance(result, BaseException) or result is None:
                     log.warning(f"state download from {str(peer)[-8:]} failed ({result!r}); trying the others")
@@ -240,15 +244,28 @@ class StageAverager(DecentralizedAverager):
                         declined.add(str(peer))
                     continue
                 metadata, got = result
-                first_metadata = first_metadata or metadata
-                versions.add((metadata.get("round"), metadata.get("hash")))
-                tensors.update(zip(share, got))
+                served.setdefault((metadata.get("round"), metadata.get("hash")), []).append((peer, share, got, metadata))
+            if served:
+                counts = {v: sum(len(s) for _, s, _, _ in parts) for v, parts in served.items()}
+                if version is not None:  # what is kept of the current version counts for it
+                    counts[version] = counts.get(version, 0) + len(tensors)
+                best = max(counts, key=lambda v: (counts[v], str(v)))
+                if best != version:  # another version wins: what was kept of the old one goes
+                    tensors.clear()
+                    version = best
+                for v, parts in served.items():
+                    for peer, share, got, metadata in parts:
+                        if v == version:
+                            kept_metadata = metadata
+                            tensors.update(zip(share, got))
+                        else:  # it moved on (or stayed behind): no more shares from it in this download
+                            peers.remove(peer)
+                if len(served) > 1:
+                    log.info(f"state donors served {len(served)} versions; keeping round {version[0]}")
             todo = [i for i in range(num_tensors) if i not in tensors]
         if todo:
-            raise RuntimeError("every donor failed")
-        if len(versions) != 1:
-            raise RuntimeError(f"donors served different versions {sorted(map(str, versions))}")
-        return first_metadata, [tensors[i] for i in range(num_tensors)]
+            raise RuntimeError("every donor failed" if not peers else "donors kept moving to new versions")
+        return kept_metadata, [tensors[i] for i in range(num_tensors)]
 
     async def _fetch(self, peer: PeerID, indices: list[int], timeout: float):
         query = {"indices": indices}

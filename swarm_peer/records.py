@@ -29,6 +29,7 @@ from swarm_peer.identity import speaks_for
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 MAX_DELIVERED_PEERS = 256
+RECENT_ROUNDS = 32  # agreed (round, hash) pairs a stage record carries (StageRecord.recent)
 EVAL_HISTORY = 8  # evaluations a metric record carries (a monitor catches up on up to this many)
 STATES = ("online", "idle", "finished", "offline")  # idle: done training, still syncing with its stage
 
@@ -59,6 +60,15 @@ class StageRecord(pydantic.BaseModel):
     global_hash: pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")
     round_ok: pydantic.StrictBool
     address: pydantic.constr(strict=True, max_length=256)  # a multiaddr to reach it (status tables)
+    # the global hashes of its last agreed rounds, oldest first: a state downloaded at a round its donors have since
+    # left (a fast stage runs several rounds between two reads of its records) is checked against what they agreed
+    recent: List[Tuple[pydantic.conint(strict=True, ge=0), pydantic.constr(strict=True, regex=r"^[0-9a-f]{16}$")]] = []
+
+    @pydantic.validator("recent")
+    def _few_rounds(cls, v):
+        if len(v) > RECENT_ROUNDS:
+            raise ValueError(f"more than {RECENT_ROUNDS} recent rounds")
+        return v
 
     class Config:
         extra = pydantic.Extra.forbid

@@ -38,6 +38,7 @@ class StageState:
         self.trainer.clock = clock
         self.clock_pending = True  # the stage trains on while this peer starts up: catch up at its first step
         self.progress = Progress(global_hash=self.strategy.state_hash(), round=int(meta["round"]))
+        self.note_agreed()
 
     # ---- recovery and joining
     def top_peers(self) -> list[str]:

@@ -122,7 +122,8 @@ class StageWorker:
             round=self.sync.progress.round, round_steps=self.sync.progress.round_steps,
             round_samples=self.sync.progress.round_samples, syncing=self.sync.progress.syncing,
             paused=self.sync.paused,
-            global_hash=self.sync.progress.global_hash, round_ok=self.sync.progress.round_ok, address=self.address)
+            global_hash=self.sync.progress.global_hash, round_ok=self.sync.progress.round_ok, address=self.address,
+            recent=list(self.sync.agreed_rounds))
 
     async def _in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

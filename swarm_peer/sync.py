@@ -39,7 +39,7 @@ from swarm_peer.compute import STEP, ComputeThread, StageTrainer
 from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, squared_norm
 from swarm_peer.donor_trust import DonorTrust
-from swarm_peer.records import StageRecord
+from swarm_peer.records import RECENT_ROUNDS, StageRecord
 from swarm_peer.stage_state import StageState
 from swarm_peer.sync_modes import Independent, make_mode
 from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, choose_donors, group_clock,
@@ -67,6 +67,8 @@ class StageSync(StageState):
         self.progress = Progress(global_hash="")
         self.view = StageView()  # replaced whole by see(): read it once per decision
         self.agreed: dict[int, dict[str, float]] = {}  # round -> majority hashes seen recently (remember_agreements)
+        self.agreed_rounds: tuple[tuple[int, str], ...] = ()  # this peer's last agreed (round, hash): its record's
+        # `recent` (a tuple replaced whole: the announcer reads it from another thread)
         self.training = True  # False once this peer is done training (it still takes part in rounds)
         self.rounds: list[dict] = []
         self.recoveries: list[dict] = []
@@ -355,6 +357,14 @@ class StageSync(StageState):
         self.progress.global_hash = self.strategy.state_hash()
         self.progress.round, (self.progress.round_steps, self.progress.round_samples) = next_round, carried
         self.progress.syncing = False  # (an overlapped round still has to land: the stepper knows)
+        self.note_agreed()
+
+    def note_agreed(self) -> None:
+        """Remember the round this peer now holds, if agreed (its record's `recent`: downloads of it stay checkable
+        after this peer moves on)."""
+        if self.progress.round_ok:
+            pair = (self.progress.round, self.progress.global_hash)
+            self.agreed_rounds = (*[p for p in self.agreed_rounds if p[0] != pair[0]], pair)[-RECENT_ROUNDS:]
 
     def _record(self, metrics: dict) -> None:
         metrics["weights_hash"] = self.progress.global_hash
@@ -377,6 +387,7 @@ class StageSync(StageState):
             raise ValueError(f"checkpoint was taken in sync_mode {state.get('mode')}, this peer runs {self.mode}")
         self.strategy.load_state_dict(state.get("outer"))
         self.progress = Progress(**{**state["progress"], "syncing": False})
+        self.note_agreed()
 
     def summary(self) -> dict:
         if self.mode == "none":  # no rounds: the replica's own current weights

@@ -204,8 +204,23 @@ def vouched_recently(meta: dict, history: dict[int, dict[str, float]]) -> bool:
     return meta.get("hash") in history.get(meta.get("round"), {})
 
 
+def votes_at(rnd, records: list[StageRecord]) -> list[tuple[str, str]]:
+    """(hash, peer id) of each record that agreed at round `rnd`: as its current round, or as one of its recent ones."""
+    votes = []
+    for r in records:
+        if r.round == rnd:
+            if r.round_ok:
+                votes.append((r.global_hash, r.peer_id))
+            continue
+        held = [h for past, h in r.recent if past == rnd]
+        if held:
+            votes.append((held[-1], r.peer_id))
+    return votes
+
+
 def vouched(meta: dict, records: list[StageRecord]) -> bool:
     """Is a downloaded state (its round and weights hash) what the stage agreed on: the majority hash of the believed
-    records (each bound to its signer) at that round? One donor's word is not enough."""
-    votes = [(r.global_hash, r.peer_id) for r in records if r.round_ok and r.round == meta.get("round")]
+    records (each bound to its signer) at that round, now or among their recent rounds? One donor's word is not
+    enough."""
+    votes = votes_at(meta.get("round"), records)
     return bool(votes) and majority_hash(votes) == meta.get("hash")

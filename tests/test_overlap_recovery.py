@@ -7,7 +7,15 @@ the next round began at once, the peer was "syncing" again, and a disagreeing pe
 seeker: it averaged every later round from other weights than its mate's (none voted, 9 of 9 failed) and recovered
 only at the run's end. Here rounds are back to back by construction (H = 1: every round is overdue at the next
 step), and b's side of the first all-reduce it reaches from round FROM_ROUND on fails after a has completed it
-(tests/fault_peer.py fail_once_from)."""
+(tests/fault_peer.py fail_once_from).
+
+The same swarm takes a joiner, c, once the rounds run back to back: a lone fast peer (or two) runs rounds faster than
+a joiner reads records, and a state downloaded at round R was refused as unvouched while every record read after the
+download already showed a later round (CI, test_run_ends' single-stage run with overlapped rounds: the joiner refused
+three downloads, started from the seeded init and never averaged). Records carry their last agreed rounds' hashes."""
+import re
+import time
+
 import pytest
 from hivemind import DHT
 
@@ -16,7 +24,8 @@ from tests.conftest import PYTHON, ROOT
 
 pytestmark = pytest.mark.slow
 FROM_ROUND = 2
-STEPS = 24
+STEPS = 40
+JOIN_AT_ROUND = 8  # c starts once a is this far: after b's failure and recovery
 
 
 def test_a_peer_whose_overlapped_round_failed_recovers_before_its_next_round(swarm_factory):
@@ -29,11 +38,16 @@ def test_a_peer_whose_overlapped_round_failed_recovers_before_its_next_round(swa
         swarm.start("a", 0, "--max-steps", str(STEPS), prefix=fault_peer, env={"SWARM_TEST_FAULTS": "slow=0.1"})
         swarm.start("b", 0, "--max-steps", str(STEPS), prefix=fault_peer,
                     env={"SWARM_TEST_FAULTS": f"fail_once_from={FROM_ROUND},slow=0.1"})
-        for name in ("a", "b"):
+        deadline = time.monotonic() + 180
+        while not re.search(rf"round {JOIN_AT_ROUND} -> ", swarm.log("a")):
+            assert time.monotonic() < deadline and swarm.procs["a"].poll() is None, swarm.log("a")[-3000:]
+            time.sleep(0.3)
+        swarm.start("c", 0, "--max-steps", str(STEPS))
+        for name in ("a", "b", "c"):
             assert swarm.wait_exit(name, 300) == 0, swarm.log(name)[-3000:]
     finally:
         boot.shutdown()
-    a, b = swarm.summary("a"), swarm.summary("b")
+    a, b, c = swarm.summary("a"), swarm.summary("b"), swarm.summary("c")
     rounds = b["sync"]["rounds"]
     brief = [(r["round"], r["ok"], r["group_size"], r["outcome"][:24]) for r in rounds]
     failed = sorted(r["round"] for r in rounds if not r["ok"])
@@ -44,4 +58,9 @@ def test_a_peer_whose_overlapped_round_failed_recovers_before_its_next_round(swa
     assert not [r for r in failed if failed[0] + 1 < r <= failed[0] + 4], brief
     recovered = [e["round"] for e in b["sync"]["recoveries"]]
     assert any(failed[0] < r <= failed[0] + 2 for r in recovered), (recovered, failed)
-    assert a["sync"]["global_hash"] == b["sync"]["global_hash"]
+    assert a["sync"]["global_hash"] == b["sync"]["global_hash"] == c["sync"]["global_hash"]
+    # c joined with the stage's state, at once, and averaged with the others
+    assert "downloaded stage state refused" not in swarm.log("c"), swarm.log("c")[-3000:]
+    joined = [e for e in c["sync"]["recoveries"] if e["reason"] == "joining the stage"]
+    assert joined and joined[0]["round"] >= JOIN_AT_ROUND, c["sync"]["recoveries"]
+    assert any(r["group_size"] == 3 and r["ok"] for r in c["sync"]["rounds"]), c["sync"]["rounds"]

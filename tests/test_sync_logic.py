@@ -157,3 +157,29 @@ def test_a_download_is_vouched_by_a_majority_seen_in_the_last_looks():
     assert not vouched_recently({"round": 2, "hash": H2}, history)
     remember_agreements(history, [], now=131.5, keep_s=30.0)  # forgotten after keep_s
     assert not vouched_recently(served, history) and history == {}
+
+
+def test_a_download_is_vouched_by_the_recent_rounds_records_carry():
+    """Records carry their last agreed rounds: a state of round 2 is checkable against records that moved on to
+    round 6 even if no earlier look saw round 2 (a stage running rounds back to back, faster than it is read)."""
+    from swarm_peer.records import RECENT_ROUNDS
+    from swarm_peer.sync_rules import vouched
+
+    def moved_on(peer_id, history, **kw):
+        r = rec(peer_id, round=6, hash=H3, **kw)
+        return r.copy(update={"recent": history})
+
+    served = {"round": 2, "hash": H1}
+    assert vouched(served, [moved_on("a", [(1, H2), (2, H1), (6, H3)])])
+    assert not vouched(served, [moved_on("a", [(1, H2), (6, H3)])])  # no record agreed at round 2
+    # one vote per peer, and the majority counts: two mates' history outvotes a liar's
+    stage = [moved_on("a", [(2, H1)]), moved_on("b", [(2, H1)]), moved_on("liar", [(2, H2)])]
+    assert vouched(served, stage) and not vouched({"round": 2, "hash": H2}, stage)
+    # a record at that very round votes by its current fields (and not at all when that round failed for it)
+    assert not vouched(served, [rec("a", round=2, hash=H1, ok=False).copy(update={"recent": [(2, H1)]})])
+    try:
+        rec("a").__class__(**{**rec("a").dict(), "recent": [(i, H1) for i in range(RECENT_ROUNDS + 1)]})
+    except Exception as e:  # a record is bounded: at most RECENT_ROUNDS of them
+        assert "recent rounds" in str(e)
+    else:
+        raise AssertionError("an oversized history was accepted")
