@@ -1,7 +1,7 @@
 """swarm_peer benchmarks: every figure is a RATIO of two measurements taken in the same invocation (machines are
 noisy; absolute numbers from a shared box mean little, ratios of neighbours in time a bit more).
 
-    .venv/bin/python scripts/bench.py [--tiny] [--only a,b,c,d,e,f,g] [--out runs/bench] [--config configs/tiny.yaml]
+    .venv/bin/python scripts/bench.py [--tiny] [--only a,b,c,d,e,f,g,h] [--out runs/bench] [--config configs/tiny.yaml]
                                       [--stages 2] [--set KEY=VALUE ...]
 
 Parts (their exact definitions are printed into the markdown and the JSON):
@@ -20,6 +20,8 @@ Parts (their exact definitions are printed into the markdown and the JSON):
      monitor + a fifth peer joining stage 1, checkpoints on: footprint (PSS) vs state, round time vs wire time,
      join time vs wire time, checkpoint compute pause vs step (benchlib/size.py). Not in the default set (minutes,
      ~20 GB): ask for it with --only g
+  h  the sync mode's per-step synchronization: median seconds of a sync-mode round (2-peer single-stage swarm) /
+     torch.distributed gloo's all-reduce of the same gradients between 2 processes (benchlib/sync_speed.py)
 d, e and f share one 2-stage x 2-peer run (f also reads every other run's peers).
 
 Writes OUT/bench.json and OUT/bench.md (plus logs and summaries under OUT/<part>/). Every part is bounded in time;
@@ -46,9 +48,10 @@ from benchlib.procs import install_signal_handlers
 from benchlib.report import json_safe, markdown
 from benchlib.size import part_g
 from benchlib.sync_bytes import part_c
+from benchlib.sync_speed import part_h
 from benchlib.throughput import part_a, part_b
 
-PART_FUNCTIONS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f, "g": part_g}  # run in this order
+PART_FUNCTIONS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f, "g": part_g, "h": part_h}  # run in this order
 PARTS = "".join(PART_FUNCTIONS)
 DEFAULT_PARTS = "abcdef"  # g only when asked for
 
@@ -56,7 +59,7 @@ DEFAULT_PARTS = "abcdef"  # g only when asked for
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model, short phases (the test uses it)")
-    parser.add_argument("--only", default=DEFAULT_PARTS, help="comma-separated parts of a..g (default: a,b,c,d,e,f)")
+    parser.add_argument("--only", default=DEFAULT_PARTS, help="comma-separated parts of a..h (default: a,b,c,d,e,f)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--stages", type=int, default=2, help="part a: S stages x 1 peer")

@@ -16,6 +16,8 @@ Usage (the harness's `prefix`): python tests/fault_peer.py <python> -m swarm_pee
                                                 throughput, which routing reads, includes the delay)
                               blind_round=R[+R...]  every DHT read of stage records fails (returns nothing, as
                                                 a timed-out get does) while this peer runs its round R
+                              hold_until=PATH   a stage-0 peer starts training only once PATH exists (peers
+                                                started together begin together, however long each took to start)
                               crash_in_round    kill -9 of the whole peer (its process group) while its averager
                                                 reduces its first all-reduce, between a part's sum and its reply
 """
@@ -30,6 +32,21 @@ if offset:
     _real = time.time
     time.time = lambda: _real() + offset
 faults = dict(f.partition("=")[::2] for f in os.environ.get("SWARM_TEST_FAULTS", "").split(",") if f)
+
+if "hold_until" in faults:
+    import asyncio
+
+    from swarm_peer.driver import Driver
+
+    _drive, _hold = Driver.drive, faults["hold_until"]
+
+    async def _drive_when_released(self, max_steps):
+        deadline = time.monotonic() + 300
+        while not os.path.exists(_hold) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return await _drive(self, max_steps)
+
+    Driver.drive = _drive_when_released
 
 if "refuse_state" in faults:
     from swarm_peer.sync import StageSync

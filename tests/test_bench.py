@@ -23,7 +23,7 @@ EXPECTED = {"a": ["a.steady", "a.end_to_end", "a.steady_vs_1_thread", "a.tokens_
             "e": ["e.stall", "e.stall_vs_pre_kill_gap", "e.recovery"], "f": ["f.median", "f.max"],
             "g": ["g.memory_vs_target_max", "g.round_vs_transport_median", "g.round_vs_transport_max",
                   "g.allreduce_vs_transport_median", "g.join_vs_transport", "g.checkpoint_pause_vs_step_max",
-                  "g.sync_blocked_share_max"]}
+                  "g.sync_blocked_share_max"], "h": ["h.sync_vs_gloo"]}
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:

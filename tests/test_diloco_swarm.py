@@ -36,12 +36,22 @@ def _assert_failed_ends_recovered(summary: dict) -> None:
         assert any(e["round"] > r["round"] for e in summary["sync"]["recoveries"]), (r, summary["sync"]["recoveries"])
 
 
-def _start_pipeline(swarm, stage1_peers, stage0_peers, steps, extra=()):
+def _start_pipeline(swarm, stage1_peers, stage0_peers, steps, extra=(), together=False):
+    """`together`: the stage-0 peers begin training at once, when all are ready (tests/fault_peer.py hold_until). Only
+    started at once, one got a 20-step head start on a loaded CI machine and the stage ran one common round of 6."""
     for p in range(stage1_peers):
         swarm.start(f"s1p{p}", 1, "--max-steps", str(steps), *extra)
         swarm.wait_ready(f"s1p{p}")
+    go = swarm.tmp / "go"
     for p in range(stage0_peers):  # all at once: a lone stage-0 peer could finish before the others start
-        swarm.start(f"s0p{p}", 0, "--data-shard", f"{p}/{stage0_peers}", "--max-steps", str(steps), *extra)
+        swarm.start(f"s0p{p}", 0, "--data-shard", f"{p}/{stage0_peers}", "--max-steps", str(steps), *extra,
+                    faults=f"hold_until={go}" if together else "")
+    if together:
+        deadline = time.monotonic() + 120
+        while not all("serving layers" in swarm.log(f"s0p{p}") for p in range(stage0_peers)):
+            assert time.monotonic() < deadline, [swarm.log(f"s0p{p}")[-2000:] for p in range(stage0_peers)]
+            time.sleep(0.2)
+        go.touch()
 
 
 def _wait_all(swarm, names, timeout=300):
@@ -52,7 +62,7 @@ def _wait_all(swarm, names, timeout=300):
 
 def _run_two_by_two(swarm, steps: int) -> dict[str, dict]:
     """2 stages x 2 peers until the end; their summaries by name."""
-    _start_pipeline(swarm, 2, 2, steps=steps)
+    _start_pipeline(swarm, 2, 2, steps=steps, together=True)
     return _wait_all(swarm, ["s0p0", "s0p1", "s1p0", "s1p1"])
 
 
