@@ -39,6 +39,7 @@ from swarm_peer.swarm_key import SwarmKey, auth_error
 
 log = logging.getLogger("swarm_peer")
 MAX_STATE_TENSORS = 4096  # tensors a state download may ask for (a stage has ~3 per parameter tensor)
+PHASE_POLL_S = 0.02  # how finely a round's matchmaking / all-reduce split is timed (a shared-memory flag read)
 MALFORMED_BAN_S = 600.0  # a groupmate that sent a malformed part or weight: no honest peer does, so no group with it
 
 
@@ -300,13 +301,14 @@ async def await_step(control, give_up: Callable[[], Awaitable[Optional[str]]], p
                      deadline: float = math.inf, phases: Optional[dict] = None):
     """Await an averager StepControl (an MPFuture created in this event loop's thread); every `poll` s,
     `await give_up()` returning a reason cancels it. Returns (gathered, error). `phases` gets "allreduce_at": when
-    the all-reduce was first seen running (time.monotonic(), to within `poll`)."""
+    the all-reduce was first seen running (time.monotonic(), to within PHASE_POLL_S)."""
     async def result():
         return await control
     waiter = asyncio.ensure_future(result())
     try:
+        next_look = time.monotonic() + poll
         while True:
-            done, _ = await asyncio.wait({waiter}, timeout=poll)
+            done, _ = await asyncio.wait({waiter}, timeout=PHASE_POLL_S)
             if phases is not None and "allreduce_at" not in phases and control.began_allreduce:
                 phases["allreduce_at"] = time.monotonic()
             if done:
@@ -314,6 +316,9 @@ async def await_step(control, give_up: Callable[[], Awaitable[Optional[str]]], p
                     return waiter.result(), None
                 except BaseException as e:  # the step failed (or was cancelled elsewhere)
                     return None, " ".join(str(e).split())[:200] or type(e).__name__
+            if time.monotonic() < next_look:
+                continue
+            next_look = time.monotonic() + poll
             reason = await give_up() if time.monotonic() < deadline else "timed out"
             if reason:
                 control.cancel()
