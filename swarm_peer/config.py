@@ -118,8 +118,9 @@ class SwarmConfig(_Section):
     sync_samples: Optional[int] = Field(None, gt=0)  # or: samples the whole stage processes per round (overrides H)
     # DiLoCo: inner training goes on while a round's all-reduce runs; its outer update lands at the next inner step
     # (the local weights keep what they trained meanwhile, sync_modes.DiLoCo.land). False: serving pauses per round.
-    # Costs a 4 B/param snapshot; the peer serves while its round runs (README: overlapped rounds)
-    overlap_rounds: bool = True
+    # Costs a 4 B/param snapshot; the peer serves while its round runs (README: overlapped rounds). Off by default
+    # until a double fault CI found (test_run_ends' single stage) is fixed: README, "not yet the default"
+    overlap_rounds: bool = False
     matchmaking_time: float = Field(3.0, gt=0.0)  # how long a group leader waits for stage peers (hivemind)
     averaging_timeout: float = Field(60.0, gt=0.0)  # one round, every attempt; then a lone step + recovery
     averaging_chunk_timeout: float = Field(15.0, gt=0.0)  # a groupmate silent this long is dropped from the round
