@@ -177,8 +177,9 @@ class StageSync(StageState):
         """Attempts until one completes or the round's deadline, in the event loop: it awaits the averager's step
         control; blocking calls (records, the averager's lock, its pipe) go to executor threads. Returns (gathered,
         outcome); `phases` gets "prepare_s" (writing the contributions, all attempts), and the completed attempt's
-        "matchmaking_s" and "allreduce_s" (split where the all-reduce was first seen running, to within 0.02 s: averaging.PHASE_POLL_S). Each attempt writes this peer's contribution afresh into the averager's buffers (`contribute`,
-        on the compute thread): a failed attempt leaves them partly averaged, and no second full-size copy is kept to
+        "matchmaking_s" and "allreduce_s" (split where the all-reduce was first seen running, to within
+        averaging.PHASE_POLL_S). Each attempt writes this peer's contribution afresh into the averager's buffers
+        (`contribute`, on the compute thread): a failed attempt leaves them partly averaged, and no second full-size copy is kept to
         refill them from."""
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.cfg.swarm.averaging_timeout

@@ -190,7 +190,7 @@ def remember_agreements(history: dict[int, dict[str, float]], records: list[Stag
     seen), and forget what is older than `keep_s`: a state downloaded from a donor that has since moved on (records
     lag by up to an announce period, a lone fast peer runs a round in a fraction of one) is checked against it."""
     for rnd in {r.round for r in records}:
-        votes = [(r.global_hash, r.peer_id) for r in records if r.round_ok and r.round == rnd]
+        votes = votes_at(rnd, records)
         if votes:
             history.setdefault(rnd, {})[majority_hash(votes)] = now
     for rnd in list(history):
