@@ -120,7 +120,7 @@ class SwarmConfig(_Section):
     # (the local weights keep what they trained meanwhile, sync_modes.DiLoCo.land). False: serving pauses per round.
     # Costs a 4 B/param snapshot; the peer serves while its round runs (README: overlapped rounds). Off by default
     # until a double fault CI found (test_run_ends' single stage) is fixed: README, "not yet the default"
-    overlap_rounds: bool = False
+    overlap_rounds: bool = True
     matchmaking_time: float = Field(3.0, gt=0.0)  # how long a group leader waits for stage peers (hivemind)
     averaging_timeout: float = Field(60.0, gt=0.0)  # one round, every attempt; then a lone step + recovery
     averaging_chunk_timeout: float = Field(15.0, gt=0.0)  # a groupmate silent this long is dropped from the round

@@ -17,7 +17,7 @@ log = logging.getLogger("swarm_peer")
 
 class StageState:
     """Mixed into StageSync: uses its cfg, mode, compute, trainer, strategy, averager, progress, trust, others, agreed,
-    recoveries."""
+    recoveries, fallback()."""
     # ---- what this peer's state is, and what a downloader gets
     def _state_tensors(self) -> tuple[dict, list[torch.Tensor]]:
         meta = {"round": self.progress.round, "hash": self.progress.global_hash, "mode": self.mode,
@@ -26,8 +26,8 @@ class StageState:
 
     def _state_for_download(self):
         # runs in hivemind's state-sharing thread; the compute thread makes the snapshot consistent
-        if not self.progress.round_ok:
-            return {"round": -1}, []  # never share a state the stage has not agreed on
+        if not self.progress.round_ok and self.fallback() != (self.progress.round, self.progress.global_hash):
+            return {"round": -1}, []  # never share a state the stage has not agreed on (or ends on: end_fallback)
         return self.compute.call(STEP, self._state_tensors, timeout=60)
 
     @torch.no_grad()
@@ -85,6 +85,11 @@ class StageState:
         log.warning("could not download the stage state; starting from the seeded init")
         self.progress.round_ok = True
 
+    def _believed(self, meta: dict) -> bool:
+        """Is a downloaded (round, hash) what the stage agreed on (now or recently), or what it ends on?"""
+        return (vouched(meta, self.others) or vouched_recently(meta, self.agreed)
+                or self.fallback() == (meta.get("round"), meta.get("hash")))
+
     async def recover(self, donors: list[str], reason: str, refresh=None) -> bool:
         """Download the stage state from `donors` and apply it if it is sound and what the stage's records agree on
         (`refresh`: blocking re-read of the records, for when they lag the state)."""
@@ -105,12 +110,12 @@ class StageState:
         meta, tensors = result
         problem = state_problem(meta, tensors, [p.shape for p in self.trainer.params], self.mode)
         for _ in range(3 if problem is None and refresh is not None else 0):
-            if vouched(meta, self.others) or vouched_recently(meta, self.agreed):
+            if self._believed(meta):
                 break
             await asyncio.sleep(self.cfg.swarm.announce_period)  # the donors' records may lag their state
             await loop.run_in_executor(None, refresh)
         else:
-            if problem is None and not (vouched(meta, self.others) or vouched_recently(meta, self.agreed)):
+            if problem is None and not self._believed(meta):
                 problem = f"round {meta['round']} weights {meta['hash']} are not what the stage's records agree on"
         if problem:
             log.warning(f"downloaded stage state refused ({problem}); discarded")

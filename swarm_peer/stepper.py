@@ -323,6 +323,8 @@ class Stepper:
         mine = self.sync.progress
         if mine.round_ok:  # we can serve the stage's model: laggards recover from us
             return other.round < mine.round or (other.round == mine.round and not other.round_ok)
+        if self.sync.fallback() == (mine.round, mine.global_hash):  # nobody agreed; the stage ends on our weights
+            return other.round < mine.round or (other.round == mine.round and other.global_hash != mine.global_hash)
         return other.round < mine.round and other.round_ok  # it may complete the round we failed: then we recover
 
     # ---------------------------------------------------------------------------------------------- recovery

@@ -20,6 +20,8 @@ Agreement. Peers publish the hash of their global weights at the start of each r
 the majority of the voting peers at the newest round (ties: the hash held by the smallest peer id), or who is behind
 that round, downloads the state (global weights, momentum, round) from the peers holding the majority hash, several
 donors at once. Joiners do the same before they serve; the first peer of an empty stage keeps the seeded init.
+At the run's end, when no peer's last round agreed (nobody may serve), the stage ends on the hash most of them hold
+at the newest round, ties to the smallest peer id (sync_rules.end_fallback): its holders serve it, the rest download.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ from swarm_peer.donor_trust import DonorTrust
 from swarm_peer.records import RECENT_ROUNDS, StageRecord
 from swarm_peer.stage_state import StageState
 from swarm_peer.sync_modes import Independent, make_mode
-from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, choose_donors, group_clock,
+from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, choose_donors, end_fallback,
+                                   group_clock,
                                    group_hash, max_round_weight, remember_agreements, round_bits, round_due)
 from swarm_peer.validation import all_finite
 
@@ -80,6 +83,7 @@ class StageSync(StageState):
         self._since_began = (0, 0)  # inner steps and samples trained while an overlapped round runs
         self._counts = threading.Lock()  # the round counters: the event loop counts, an overlapped round resets
         self.trust = DonorTrust(cfg.swarm.announce_period)  # whose state claims are believed (unbacked: not)
+        self._fallback_told: tuple[int, str] | None = None
         if self.mode != "none":
             sw = cfg.swarm
             dtype = averaging_buffer_dtype(self.mode, sw.compression.averaging)
@@ -169,7 +173,18 @@ class StageSync(StageState):
     def donors(self) -> list[str]:
         if self.mode == "none" or self.progress.syncing:
             return []
-        return choose_donors(self.me, self.progress, self.others)
+        fallback = self.fallback()
+        donors = choose_donors(self.me, self.progress, self.others, fallback)
+        if fallback is not None and fallback != self._fallback_told:  # once per (round, hash)
+            self._fallback_told = fallback
+            log.warning(f"no stage peer holds an agreed state at the run's end; the stage ends on round {fallback[0]} "
+                        f"weights {fallback[1]} (the most held, ties to the smallest peer id): "
+                        f"{'downloading them' if donors else 'this peer holds them'}")
+        return donors
+
+    def fallback(self) -> tuple[int, str] | None:
+        """The (round, hash) the stage ends on when nobody holds an agreed state (sync_rules.end_fallback)."""
+        return end_fallback(self.me, self.progress, list(self.others), idle=not self.training)
 
     # ---- a round
     async def _average(self, r: int, weight: float, clock: float, refresh, contribute,

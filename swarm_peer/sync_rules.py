@@ -100,11 +100,15 @@ def group_hash(gathered: dict) -> str | None:
     return majority_hash([(h, p) for h, p, ok in members if ok] or [(h, p) for h, p, _ in members])
 
 
-def choose_donors(me_id: str, me: Progress, others: list[StageRecord]) -> list[str]:
-    """Peers to download the stage state from; [] when mine is the stage's (or nobody can tell)."""
+def choose_donors(me_id: str, me: Progress, others: list[StageRecord],
+                  fallback: tuple[int, str] | None = None) -> list[str]:
+    """Peers to download the stage state from; [] when mine is the stage's (or nobody can tell). `fallback`: the
+    (round, hash) the stage ends on when nobody holds an agreed state (end_fallback)."""
     voters = [r for r in others if r.round_ok]
     if not voters:
-        return []
+        if fallback is None or (me.round, me.global_hash) == fallback:
+            return []
+        return sorted(r.peer_id for r in others if (r.round, r.global_hash) == fallback)
     top = max(r.round for r in voters)
     if top < me.round:
         return []  # I am ahead; they catch up from me
@@ -116,6 +120,21 @@ def choose_donors(me_id: str, me: Progress, others: list[StageRecord]) -> list[s
     if me.round == top and me.global_hash == best:
         return []
     return sorted(r.peer_id for r in at_top if r.global_hash == best)
+
+
+def end_fallback(me_id: str, me: Progress, others: list[StageRecord], idle: bool) -> tuple[int, str] | None:
+    """The (round, hash) a stage ends on when nobody holds an agreed state: every live stage peer, me included, is
+    done training (idle), none is in a round, none's last round agreed (e.g. each side of the last all-reduce failed,
+    or one failure followed another). Nobody would serve or download then, and the run would end on several models;
+    instead: the hash most of them hold at the newest round, ties to the smallest peer id (the same for everyone who
+    reads the same records). None otherwise: while anyone trains, the next round's group_hash settles it."""
+    if not idle or me.syncing or me.round_ok or any(r.state != "idle" or r.syncing or r.round_ok for r in others):
+        return None
+    top = max([me.round, *(r.round for r in others)])
+    votes = [(r.global_hash, r.peer_id) for r in others if r.round == top]
+    if me.round == top:
+        votes.append((me.global_hash, me_id))
+    return top, majority_hash(votes)
 
 
 def group_clock(gathered: dict, own: float, limit: float) -> float:

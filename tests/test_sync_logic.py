@@ -1,7 +1,7 @@
 """The pure decisions of sync.py: when a round is due, which hash is the stage's, whom to download from."""
 from swarm_peer.records import StageRecord
 from swarm_peer.routing import Candidate, Router
-from swarm_peer.sync_rules import Progress, choose_donors, group_hash, majority_hash, mismatched_mates, round_bits, round_due, stage_peers
+from swarm_peer.sync_rules import Progress, choose_donors, end_fallback, group_hash, majority_hash, mismatched_mates, round_bits, round_due, stage_peers
 
 H1, H2, H3 = "1111111111111111", "2222222222222222", "3333333333333333"
 
@@ -183,3 +183,24 @@ def test_a_download_is_vouched_by_the_recent_rounds_records_carry():
         assert "recent rounds" in str(e)
     else:
         raise AssertionError("an oversized history was accepted")
+
+
+def test_a_stage_where_nobody_agreed_at_the_end_ends_on_one_model():
+    me = Progress(global_hash=H2, round=7, round_ok=False)
+    idle = [rec("a", round=7, hash=H1, ok=False, state="idle"), rec("c", round=7, hash=H3, ok=False, state="idle")]
+    fallback = end_fallback("b", me, idle, idle=True)
+    assert fallback == (7, H1)  # three hashes: a tie, to the smallest peer id
+    assert choose_donors("b", me, idle, fallback) == ["a"]
+    assert choose_donors("a", Progress(global_hash=H1, round=7, round_ok=False),
+                         [rec("b", round=7, hash=H2, ok=False, state="idle")], fallback) == []  # a holds it
+    # the most held hash wins; a peer behind the newest round downloads it too
+    two = [rec("a", round=7, hash=H1, ok=False, state="idle"), rec("c", round=7, hash=H3, ok=False, state="idle"),
+           rec("d", round=7, hash=H3, ok=False, state="idle")]
+    assert end_fallback("b", Progress(global_hash=H2, round=6, round_ok=False), two, idle=True) == (7, H3)
+    # not while anyone trains, is in a round, or holds an agreed state: the rules above settle it then
+    assert end_fallback("b", me, idle, idle=False) is None
+    assert end_fallback("b", me, [*idle, rec("d", round=7, hash=H3, ok=False, state="online")], idle=True) is None
+    assert end_fallback("b", me, [*idle, rec("d", round=7, hash=H3, ok=False, state="idle", syncing=True)], True) is None
+    assert end_fallback("b", me, [*idle, rec("d", round=5, hash=H3, ok=True, state="idle")], idle=True) is None
+    assert end_fallback("b", Progress(global_hash=H2, round=7), idle, idle=True) is None
+    assert end_fallback("b", me, [], idle=True) == (7, H2)  # alone: its own
