@@ -118,8 +118,7 @@ class SwarmConfig(_Section):
     sync_samples: Optional[int] = Field(None, gt=0)  # or: samples the whole stage processes per round (overrides H)
     # DiLoCo: inner training goes on while a round's all-reduce runs; its outer update lands at the next inner step
     # (the local weights keep what they trained meanwhile, sync_modes.DiLoCo.land). False: serving pauses per round.
-    # Costs a 4 B/param snapshot; the peer serves while its round runs (README: overlapped rounds). Off by default
-    # until a double fault CI found (test_run_ends' single stage) is fixed: README, "not yet the default"
+    # Costs a 4 B/param snapshot; the peer serves while its round runs (README: overlapped rounds)
     overlap_rounds: bool = True
     matchmaking_time: float = Field(3.0, gt=0.0)  # how long a group leader waits for stage peers (hivemind)
     averaging_timeout: float = Field(60.0, gt=0.0)  # one round, every attempt; then a lone step + recovery
@@ -130,6 +129,10 @@ class SwarmConfig(_Section):
     announce_period: float = Field(2.0, gt=0.0)  # seconds between DHT record refreshes
     record_ttl: float = Field(20.0, gt=0.0)  # DHT record expiration, seconds
     request_timeout: float = Field(30.0, gt=0.0)  # upper bound on a pipeline hop; adapted down from latency
+    # pipeline hops over a direct TCP connection to peers that can reach each other (lanes.py: the handshake goes
+    # through hivemind P2P; the lane itself is not encrypted), else through hivemind's p2pd
+    direct_lanes: bool = True
+    lane_port: int = Field(0, ge=0, lt=65536)  # the lane's TCP port (0: any free one), e.g. for port forwarding
 
 
 class RunConfig(_Section):

@@ -325,7 +325,9 @@ class Stepper:
             return other.round < mine.round or (other.round == mine.round and not other.round_ok)
         if self.sync.fallback() == (mine.round, mine.global_hash):  # nobody agreed; the stage ends on our weights
             return other.round < mine.round or (other.round == mine.round and other.global_hash != mine.global_hash)
-        return other.round < mine.round and other.round_ok  # it may complete the round we failed: then we recover
+        # it may complete the round we failed (then we recover), or still be in its last round: if that fails too,
+        # nobody holds an agreed state and the stage settles on one (sync_rules.end_fallback) once all are idle
+        return (other.round < mine.round and other.round_ok) or other.syncing
 
     # ---------------------------------------------------------------------------------------------- recovery
     def disagrees(self) -> bool:

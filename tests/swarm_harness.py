@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 from swarm_peer.launch import Launcher, LaunchError, group_pids, monitor_args, peer_args  # noqa: F401 (group_pids:
@@ -43,6 +44,15 @@ class Swarm:
         if env.get("SWARM_TEST_FAULTS") and FAULT_PEER not in prefix:  # the faults module starts the peer
             prefix = (*prefix, PYTHON, FAULT_PEER)
         return self.launcher.start(name, args, prefix=prefix, env=env)
+
+    def begin_together(self, names, go, timeout: float = 120) -> None:
+        """Touch `go` once every named peer (started with faults=f"hold_until={go}") serves: stage-0 peers started
+        at once then begin training together, however long each took to start on a loaded machine."""
+        deadline = time.monotonic() + timeout
+        while not all("serving layers" in self.log(n) for n in names):
+            assert time.monotonic() < deadline, {n: self.log(n)[-2000:] for n in names}
+            time.sleep(0.2)
+        go.touch()
 
     def start_monitor(self, name: str, *extra: str) -> subprocess.Popen:
         """The monitor peer (`python -m swarm_peer monitor --until-done`), its rows also in `{name}.jsonl`."""

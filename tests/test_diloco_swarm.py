@@ -47,11 +47,7 @@ def _start_pipeline(swarm, stage1_peers, stage0_peers, steps, extra=(), together
         swarm.start(f"s0p{p}", 0, "--data-shard", f"{p}/{stage0_peers}", "--max-steps", str(steps), *extra,
                     faults=f"hold_until={go}" if together else "")
     if together:
-        deadline = time.monotonic() + 120
-        while not all("serving layers" in swarm.log(f"s0p{p}") for p in range(stage0_peers)):
-            assert time.monotonic() < deadline, [swarm.log(f"s0p{p}")[-2000:] for p in range(stage0_peers)]
-            time.sleep(0.2)
-        go.touch()
+        swarm.begin_together([f"s0p{p}" for p in range(stage0_peers)], go)
 
 
 def _wait_all(swarm, names, timeout=300):
