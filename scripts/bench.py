@@ -7,7 +7,8 @@ noisy; absolute numbers from a shared box mean little, ratios of neighbours in t
 Parts (their exact definitions are printed into the markdown and the JSON):
   a  swarm tokens/s (S stages x 1 peer, run.threads=1 each) / single-process baseline (run.threads=S), same model
      and batch: steady state (middle of the run) and end to end
-  b  activation hop throughput through our transport (call_forward, codecs none/fp16/8bit) / raw loopback TCP
+  b  activation hop throughput through our transport (call_forward over the direct lane and through p2pd, codecs
+     none/fp16/8bit) / raw loopback TCP
      moving the same tensor in fp32 (scripts/bench_hop.py)
   c  bytes sent per stage peer per DiLoCo outer round (averaging fp32/fp16/8bit) / what a per-step fp32 gradient
      all-reduce sends over the same inner steps, measured in the SAME run: one 4-stage x 2-peer swarm whose stages

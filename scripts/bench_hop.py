@@ -102,7 +102,8 @@ def tcp_bulk(port: int, nbytes: int, seconds: float, max_iters: int = 200) -> di
 
 
 def serve(chunk_sizes: list[int]) -> None:
-    from swarm_peer.transport import StageServicer, serve_until_eof
+    from swarm_peer.event_loop import serve_until_eof
+    from swarm_peer.transport import StageServicer
 
     async def handler(metadata, tensors, remote_peer):
         return {}, tensors  # same shape back, like a gradient
@@ -143,7 +144,9 @@ def _call_forward_rows(args, shapes, chunk, sweep, tcp_port_local=None) -> list[
     import torch
     from hivemind.p2p import PeerID
 
-    from swarm_peer.transport import STATS, LoopThread, call_forward
+    from swarm_peer.event_loop import LoopThread
+    from swarm_peer.lanes import LaneClient
+    from swarm_peer.transport import STATS, call_forward
 
     server = subprocess.Popen([sys.executable, __file__, "--serve", ",".join(map(str, sorted({chunk, *sweep})))],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, start_new_session=True,
@@ -158,9 +161,13 @@ def _call_forward_rows(args, shapes, chunk, sweep, tcp_port_local=None) -> list[
         peer = PeerID.from_base58(info["peer_id"])
         tcp = RawTCP(info["tcp_port"])
 
-        def hop(x, codec, chunk_bytes):
-            loop.run(call_forward(p2p, peer, {"step": 0}, [x], codec, 60.0, f"bench-{codec}-{chunk_bytes}",
-                                  chunk_bytes=chunk_bytes), 65)
+        lane_clients = {}  # namespace -> LaneClient: the same call over the server's direct TCP lane (lanes.py)
+
+        def hop(x, codec, chunk_bytes, lane=False):
+            namespace = f"bench-{codec}-{chunk_bytes}"
+            lanes = lane_clients.setdefault(namespace, LaneClient(p2p, namespace)) if lane else None
+            loop.run(call_forward(p2p, peer, {"step": 0}, [x], codec, 60.0, namespace, chunk_bytes=chunk_bytes,
+                                  lanes=lanes), 65)
 
         for shape in shapes:
             x = torch.randn(shape)
@@ -168,6 +175,7 @@ def _call_forward_rows(args, shapes, chunk, sweep, tcp_port_local=None) -> list[
             cases = {}
             for codec in [c for c in args.codecs.split(",") if c]:
                 cases[("call_forward", codec, chunk)] = lambda codec=codec: hop(x, codec, chunk)
+                cases[("call_forward lane", codec, chunk)] = lambda codec=codec: hop(x, codec, chunk, lane=True)
             for c in sweep:
                 if c != chunk:
                     cases[(f"call_forward chunk={c >> 10}KiB", "none", c)] = lambda c=c: hop(x, "none", c)
@@ -176,6 +184,7 @@ def _call_forward_rows(args, shapes, chunk, sweep, tcp_port_local=None) -> list[
                 before = STATS.snapshot()
                 fn()
                 wire[key] = sum(STATS.snapshot()[k] - before[k] for k in ("bytes_sent", "bytes_received"))
+                assert STATS.snapshot()["lane_calls"] - before["lane_calls"] == int("lane" in key[0]), key
             # raw TCP alone (interleaved with P2P hops it would wait for the GIL behind our loop thread's cleanup)
             times = {("raw TCP", "fp32", None): _interleaved({"tcp": lambda: tcp.hop(payload)}, args.seconds,
                                                              args.max_iters)["tcp"]}

@@ -27,9 +27,10 @@ MAX_HOP_ATTEMPTS = 50  # per microbatch per hop; bounded so nothing retries fore
 class Forwarder:
     def __init__(self, cfg: Config, stage: int, dht, p2p, run_id: str, vocab_size: int, stats: dict,
                  warned: set[str], stopping: Callable[[], bool], on_delivered: Callable[[str], None],
-                 swarm_key=None):
+                 swarm_key=None, lanes=None):
         self.cfg, self.stage, self.dht, self.p2p, self.run_id = cfg, stage, dht, p2p, run_id
         self.vocab_size, self.swarm_key = vocab_size, swarm_key
+        self.lanes = lanes  # lanes.LaneClient: hops over direct TCP where the next peer has a reachable lane
         self.stats, self.warned = stats, warned  # the peer's counters ("retries", "busy_replies"); peers warned about
         self._stopping, self._on_delivered = stopping, on_delivered
         self.next_fingerprint = stage_fingerprint(cfg, stage + 1)
@@ -82,7 +83,7 @@ class Forwarder:
             try:
                 reply, out = await call_forward(self.p2p, PeerID.from_base58(peer), meta, tensors,
                                                 self.cfg.swarm.compression.forward, self.router.timeout(peer),
-                                                namespace=self.run_id, swarm_key=self.swarm_key)
+                                                namespace=self.run_id, swarm_key=self.swarm_key, lanes=self.lanes)
                 if not reply_ok(meta, out, hidden, self.vocab_size):
                     raise RemoteError(f"malformed reply {[tuple(t.shape) for t in out]}")
                 out = [checked_values(t, "reply values") if t.is_floating_point() else t for t in out]

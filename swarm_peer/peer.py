@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import ipaddress
 import json
 import logging
@@ -82,6 +83,21 @@ def check_network_args(args) -> None:
         args.identity = Identity(args.identity_path)  # its key signs this peer's records too (identity.py)
     except IdentityError as e:
         raise _fail(f"--identity-path: {e}")
+
+
+def lane_endpoints(args, visible) -> tuple[str, list[str]]:
+    """Where this peer's direct lane listens (the host of its first --host-maddrs: 0.0.0.0 = every interface) and
+    the addresses callers are told to try: those of --announce-maddrs, else of its visible addresses (non-loopback
+    first), or the one address it listens on."""
+    def host(maddr) -> str | None:
+        parts = str(maddr).split("/")
+        return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6") else None
+
+    bind = next(filter(None, map(host, args.host_maddrs or [])), "0.0.0.0")
+    if bind not in ("0.0.0.0", "::"):
+        return bind, [bind]
+    told = [h for h in map(host, args.announce_maddrs or visible) if h and h not in ("0.0.0.0", "::")]
+    return bind, list(dict.fromkeys(told)) or ["127.0.0.1"]
 
 
 def _is_loopback(maddr) -> bool:
@@ -257,7 +273,8 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
     from swarm_peer.memory import check_fits
     from swarm_peer.records import local_public_key, make_validators
     from swarm_peer.stage_worker import StageWorker
-    from swarm_peer.transport import LoopThread
+    from swarm_peer.event_loop import LoopThread
+    from swarm_peer.lanes import LaneClient, LaneServer
 
     device = resolve_device(cfg.run.device)
     memory = check_fits(cfg, args.stage, device)  # before anything is allocated
@@ -275,7 +292,7 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
     corpus = load_corpus(cfg) if args.stage == 0 else None  # before joining: a bad data source fails fast
     validators = make_validators(args.run_id, cfg.swarm.num_stages, args.identity.key)
     dht = start_dht(args, validators)
-    loop = worker = None
+    loop = worker = lanes = lane_server = None
     try:
         sampler = None
         if corpus is not None:
@@ -287,10 +304,11 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
         p2p = loop.run(dht.replicate_p2p(), timeout=60)
         maddrs = sorted(dht.get_visible_maddrs(), key=_is_loopback)
         val = validation_microbatches(corpus, cfg.data.microbatch_size, cfg.run.eval_batches) if corpus else []
+        lanes = LaneClient(p2p, args.run_id, args.swarm_key) if cfg.swarm.direct_lanes else None
         worker = StageWorker(cfg, args.stage, dht, p2p, args.run_id, local_public_key(validators), device, sampler,
                              client_mode=args.client_mode,
                              address=str(maddrs[0]) if maddrs else "", val_batches=val,
-                             metrics_period=cfg.run.metrics_period, swarm_key=args.swarm_key)
+                             metrics_period=cfg.run.metrics_period, swarm_key=args.swarm_key, lanes=lanes)
         if args.checkpoint_dir:
             worker.checkpoint_dir = args.checkpoint_dir
             resume(worker, args.checkpoint_dir)
@@ -298,7 +316,16 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
         # whose stage has moved on downloads the newer state
         loop.run(worker.sync.join(worker._refresh_stage), timeout=15 * max(30.0, cfg.swarm.averaging_timeout))
         if not args.client_mode:  # stage 0 serves eval/sample requests (`python -m swarm_peer sample`)
-            loop.run(worker.servicer().add_p2p_handlers(p2p, namespace=args.run_id), timeout=30)
+            servicer = worker.servicer()
+            if cfg.swarm.direct_lanes:
+                lane_server = servicer.lanes = LaneServer(servicer, *lane_endpoints(args, maddrs),
+                                                          port=cfg.swarm.lane_port)
+                try:
+                    loop.run(lane_server.start(), timeout=30)
+                except OSError as e:  # e.g. swarm.lane_port taken
+                    raise _fail(f"cannot listen for direct lanes on {lane_server.bind_host} port "
+                                f"{cfg.swarm.lane_port}: {e.strerror or e}") from None
+            loop.run(servicer.add_p2p_handlers(p2p, namespace=args.run_id), timeout=30)
         print(f"[stage {args.stage}] peer {dht.peer_id} serving layers [{worker.spec.start}:{worker.spec.end}] of "
               f"{cfg.model.num_layers}, run {args.run_id!r}", flush=True)
 
@@ -344,5 +371,10 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
             worker.sync.shutdown()
             worker.compute.stop()
         if loop is not None:
+            if lane_server is not None:
+                with contextlib.suppress(Exception):
+                    loop.run(lane_server.close(), timeout=10)
+            if lanes is not None:
+                loop.loop.call_soon_threadsafe(lanes.close)
             loop.stop()
         dht.shutdown()

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from swarm_peer.data import get_tokenizer
     from swarm_peer.model import stage_fingerprint
     from swarm_peer.records import make_validators, read_stage_records
-    from swarm_peer.transport import LoopThread, RemoteError, TransportError, call_forward
+    from swarm_peer.event_loop import LoopThread
+    from swarm_peer.transport import RemoteError, TransportError, call_forward
 
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     tokens = tokenizer.encode(args.prompt)

@@ -43,7 +43,7 @@ class StageWorker:
     def __init__(self, cfg: Config, stage: int, dht, p2p, run_id: str, subkey: bytes, device: torch.device,
                  sampler: ShardSampler | None = None, client_mode: bool = False,
                  address: str = "", val_batches: list[Microbatch] = (), metrics_period: float = 10.0,
-                 swarm_key=None):
+                 swarm_key=None, lanes=None):
         self.cfg, self.stage, self.dht, self.p2p, self.run_id = cfg, stage, dht, p2p, run_id
         self.swarm_key = swarm_key  # private swarm: our requests carry its token, we refuse requests without
         self.spec = stage_spec(cfg, stage)
@@ -82,7 +82,7 @@ class StageWorker:
         stopping = self.stop_event.is_set
         self.forwarder = None if self.spec.is_last else Forwarder(
             cfg, stage, dht, p2p, run_id, self.trainer.model.hf.vocab_size, self.stats, self.warned_peers, stopping,
-            self.telemetry.on_delivered, swarm_key)
+            self.telemetry.on_delivered, swarm_key, lanes)
         self.server = StageServer(cfg, self.spec, self.trainer, self.compute, self.window, self.forwarder,
                                   self.telemetry, lambda: self.state, lambda: self.sync.paused,
                                   self._trained, swarm_key)

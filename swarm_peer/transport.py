@@ -13,7 +13,6 @@ prefetches up to 5 of them: a hostile caller can still make us buffer a few huge
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import math
@@ -71,6 +70,7 @@ class TransportStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     calls: int = 0
+    lane_calls: int = 0  # ... of which over a direct TCP lane (lanes.py)
     call_failures: int = 0
     served: int = 0
     served_errors: int = 0
@@ -251,6 +251,25 @@ class StageServicer(ServicerBase):
         self.swarm_key, self.precheck = swarm_key, precheck
         self.limits = Limits(max_request_bytes, max_tensors, max_metadata_bytes)
         self.request_timeout = request_timeout
+        self.lanes = None  # a lanes.LaneServer serving the same handler over direct TCP (rpc_lane hands out tickets)
+
+    def error_reply(self, error: BaseException) -> dict:
+        logger.debug(f"error reply: {_one_line(error)}")
+        return {"error": _one_line(error), **({"code": BUSY} if isinstance(error, Busy) else {})}
+
+    async def rpc_lane(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A ticket for this peer's direct TCP lane (lanes.py), to the P2P-authenticated caller."""
+        try:
+            query = msgpack.unpackb(request.metadata, raw=False) if len(request.metadata) <= MAX_METADATA_BYTES else None
+        except Exception:
+            query = None
+        error = auth_error(self.swarm_key, query.get("auth") if isinstance(query, dict) else None, context.remote_id)
+        if error:
+            self.stats.add(unauthorized=1)
+            reply = {"error": error}
+        else:
+            reply = self.lanes.ticket(context.remote_id) if self.lanes is not None else {"error": "no direct lane"}
+        return runtime_pb2.ExpertResponse(metadata=msgpack.packb(reply, use_bin_type=True))
 
     @classmethod
     def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
@@ -281,9 +300,7 @@ class StageServicer(ServicerBase):
                                            runtime_pb2.ExpertResponse)
         except Exception as e:  # CancelledError (caller gone) passes through
             failed = True
-            logger.debug(f"rpc_forward from {context.remote_id}: error reply: {_one_line(e)}")
-            error = {"error": _one_line(e), **({"code": BUSY} if isinstance(e, Busy) else {})}
-            messages = _encode(error, [], "none", self.chunk_bytes, runtime_pb2.ExpertResponse)
+            messages = _encode(self.error_reply(e), [], "none", self.chunk_bytes, runtime_pb2.ExpertResponse)
         self.stats.add(served=1, served_errors=int(failed))
         for message, nbytes in messages:
             self.stats.add(bytes_sent=nbytes)
@@ -294,16 +311,23 @@ class StageServicer(ServicerBase):
 async def call_forward(p2p: P2P, peer_id: PeerID, metadata: dict, tensors: list[torch.Tensor], codec: str,
                        timeout: float, namespace: str, *, stats: TransportStats = STATS,
                        max_reply_bytes: int = MAX_REQUEST_BYTES, chunk_bytes: int = CHUNK_BYTES,
-                       swarm_key: Optional[SwarmKey] = None) -> tuple[dict, list[torch.Tensor]]:
+                       swarm_key: Optional[SwarmKey] = None, lanes=None) -> tuple[dict, list[torch.Tensor]]:
     """Send (metadata, tensors) to `peer_id`'s StageServicer and return its reply (CPU tensors; move them yourself).
+    `lanes` (a lanes.LaneClient): over the peer's direct TCP lane where it has a reachable one, else over P2P.
 
     Raises RemoteError (error reply), TransportTimeout (nothing complete within `timeout` s, whole exchange),
     TransportError (unreachable peer, broken stream, malformed reply); TypeError/ValueError for bad local inputs.
     """
+    limits = Limits(max_reply_bytes, MAX_TENSORS, MAX_METADATA_BYTES)
+    if lanes is not None and lanes.reachable(peer_id):
+        t0 = asyncio.get_running_loop().time()
+        sock = await lanes.connect(peer_id, timeout)
+        if sock is not None:
+            return await _call_lane(lanes, sock, peer_id, metadata, tensors, codec, timeout, limits, stats)
+        timeout = max(0.1, timeout - (asyncio.get_running_loop().time() - t0))  # P2P gets what the lane left
     if swarm_key is not None:
         metadata = {**metadata, "auth": swarm_key.peer_token(p2p.peer_id)}
     messages = await _encode_async(metadata, tensors, codec, chunk_bytes, runtime_pb2.ExpertRequest)
-    limits = Limits(max_reply_bytes, MAX_TENSORS, MAX_METADATA_BYTES)
     handle_name = StageServicer._get_handle_name(namespace, "rpc_forward")
 
     async def requests():
@@ -325,83 +349,32 @@ async def call_forward(p2p: P2P, peer_id: PeerID, metadata: dict, tensors: list[
     except Exception as e:
         stats.add(call_failures=1)
         raise TransportError(f"call to {peer_id} failed: {type(e).__name__}: {_one_line(e)}") from e
+    return _checked(reply_metadata, reply_tensors, stats)
+
+
+def _checked(reply_metadata: dict, reply_tensors: list, stats: TransportStats) -> tuple[dict, list[torch.Tensor]]:
     if "error" in reply_metadata:
         stats.add(call_failures=1)
         raise (Busy if reply_metadata.get("code") == BUSY else RemoteError)(str(reply_metadata["error"])[:300])
     return reply_metadata, reply_tensors
 
 
-class LoopThread:
-    """One long-lived asyncio loop in a daemon thread (hivemind's P2P is bound to the loop that first used it)."""
-
-    def __init__(self, name: str = "swarm-peer-loop"):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro, timeout: Optional[float] = None):
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("LoopThread.run called from its own loop thread (would deadlock); await instead")
-        future = self.submit(coro)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Cancel pending tasks, stop the loop, join the thread. Idempotent."""
-        if self.loop.is_closed() or not self._thread.is_alive():
-            return
-
-        async def cancel_all():
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=timeout)
-
-        with contextlib.suppress(Exception):
-            self.submit(cancel_all()).result(timeout + 1)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-    def __enter__(self) -> "LoopThread":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def serve_until_eof(servicers: dict[str, "StageServicer"], info: Optional[dict] = None) -> None:
-    """A standalone server process (benchmarks, transport tests): a DHT and its P2P serving `servicers` (namespace
-    -> servicer), one JSON line on stdout (peer id, addresses, `info`), then serve until stdin closes or SIGTERM."""
-    import json
-    import signal
-    import sys
-
-    import hivemind
-
-    dht, loop, stop = hivemind.DHT(start=True), LoopThread(), threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+async def _call_lane(lanes, sock, peer_id, metadata, tensors, codec, timeout, limits, stats):
+    """call_forward over a direct lane connection: the same errors, the same accounting."""
+    stats.add(calls=1, lane_calls=1)
+    reusable = False
     try:
-        p2p = loop.run(dht.replicate_p2p(), 30)
-        for namespace, servicer in servicers.items():
-            loop.run(servicer.add_p2p_handlers(p2p, namespace=namespace), 30)
-        print(json.dumps({"peer_id": str(dht.peer_id), "maddrs": [str(m) for m in dht.get_visible_maddrs()],
-                          **(info or {})}), flush=True)
-        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()  # EOF = stop
-        stop.wait()
+        reply_metadata, reply_tensors, reusable = await asyncio.wait_for(
+            lanes.exchange(sock, metadata, tensors, codec, limits, stats), timeout)
+    except asyncio.TimeoutError as e:
+        stats.add(call_failures=1)
+        raise TransportTimeout(f"no complete reply from {peer_id} within {timeout:g} s (direct lane)") from e
+    except Exception as e:
+        stats.add(call_failures=1)
+        raise TransportError(f"call to {peer_id} failed (direct lane): {type(e).__name__}: {_one_line(e)}") from e
     finally:
-        loop.stop()
-        dht.shutdown()
+        if reusable:
+            lanes.release(peer_id, sock)
+        else:
+            sock.close()
+    return _checked(reply_metadata, reply_tensors, stats)

@@ -19,7 +19,8 @@ from swarm_peer.sync_rules import averaging_buffer_dtype, majority_hash, round_b
 from swarm_peer.identity import Identity
 from swarm_peer.records import (MetricRecord, local_public_key, make_validators, metrics_key, read_stage_records,
                                 store_stage_record)
-from swarm_peer.transport import LoopThread, RemoteError, TransportError, call_forward
+from swarm_peer.event_loop import LoopThread
+from swarm_peer.transport import RemoteError, TransportError, call_forward
 
 FAKE_HASH = "feedfacefeedface"
 

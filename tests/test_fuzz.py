@@ -128,6 +128,47 @@ def test_fuzz_stream_parser(messages):
     assert isinstance(metadata, dict) and all(isinstance(t, torch.Tensor) for t in out)
 
 
+small_ints = st.integers(-2**31, 2**31)
+lane_parts = st.lists(st.tuples(parts, st.integers(-1, 200)), max_size=4)
+lane_headers = st.one_of(
+    st.binary(max_size=40),
+    st.builds(lambda m, ps: msgpack.packb({"m": m, "t": [[p.SerializeToString(), n] for p, n in ps]}),
+              st.one_of(st.dictionaries(st.text(max_size=3), small_ints, max_size=3), small_ints), lane_parts),
+    st.builds(lambda t: msgpack.packb({"m": {}, "t": t}), st.lists(st.one_of(small_ints, st.binary(max_size=8),
+                                                                               st.lists(small_ints, max_size=3)),
+                                                                     max_size=3)))
+
+
+@FUZZ
+@given(lane_headers, st.binary(max_size=300), st.sampled_from([None, 0, 1, 4, 1 << 30]))
+def test_fuzz_lane_frames(header, payload, length):
+    """The direct lane's frame parser (lanes.py): a frame is parsed, or refused with its own error (caps before
+    allocation), or the connection ends; nothing else escapes."""
+    import socket
+
+    from swarm_peer.lanes import LaneProtocolError, _read_head, _read_tensors
+
+    prefix = (len(header) if length is None else length).to_bytes(4, "big")
+    ours, theirs = socket.socketpair()
+    theirs.sendall(prefix + header + payload)
+    theirs.close()
+
+    async def parse():
+        ours.setblocking(False)
+        metadata, headers = await _read_head(ours, Limits(max_bytes=1 << 20, max_tensors=8))
+        return metadata, await _read_tensors(ours, headers)
+
+    try:
+        metadata, out = asyncio.run(parse())
+    except (LaneProtocolError, ConnectionError):
+        COUNTS["rejected"] += 1
+        return
+    finally:
+        ours.close()
+    COUNTS["accepted"] += 1
+    assert isinstance(metadata, dict) and all(isinstance(t, torch.Tensor) for t in out)
+
+
 def test_fuzz_totals():
     """Runs after the fuzzers in this file: prints the figures and checks enough cases ran."""
     total = COUNTS["accepted"] + COUNTS["rejected"]

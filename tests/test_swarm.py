@@ -142,7 +142,9 @@ def test_private_swarm_compressed_wire_and_malformed_requests(swarm_factory, tmp
 
     from swarm_peer.records import make_validators
     from swarm_peer.swarm_key import SwarmKey, SwarmKeyAuthorizer, SwarmKeyValidator
-    from swarm_peer.transport import LoopThread, RemoteError, call_forward
+    from swarm_peer.event_loop import LoopThread
+    from swarm_peer.lanes import LaneClient
+    from swarm_peer.transport import RemoteError, TransportStats, call_forward
 
     run = "compressed"
     key_file = tmp_path / "swarm.key"
@@ -180,10 +182,17 @@ def test_private_swarm_compressed_wire_and_malformed_requests(swarm_factory, tmp
             ({"mb": 5}, [torch.zeros(2, 32, 64), good_labels]),  # bad metadata
             ({"mb": "x"}, [torch.zeros(2, 32, 64)]),  # missing labels
         ]
-        for meta, tensors in bad:
-            with pytest.raises(RemoteError) as error:
-                loop.run(call_forward(p2p, target, meta, tensors, "none", 30, namespace=run, swarm_key=key), 40)
-            assert "unauthorized" not in str(error.value)  # a key holder gets as far as validation
+        # the direct TCP lane (lanes.py): its ticket is handed out over P2P to key holders only
+        assert loop.run(LaneClient(p2p_out, run)._ask(target, 10), 20) is None  # refused: unauthorized
+        lanes = LaneClient(p2p, run, key)
+        for meta, tensors in bad:  # over P2P and over the member's lane
+            for via in (None, lanes):
+                stats = TransportStats()
+                with pytest.raises(RemoteError) as error:
+                    loop.run(call_forward(p2p, target, meta, tensors, "none", 30, namespace=run, swarm_key=key,
+                                          lanes=via, stats=stats), 40)
+                assert "unauthorized" not in str(error.value)  # a key holder gets as far as validation
+                assert stats.snapshot()["lane_calls"] == int(via is not None)
     finally:
         loop.stop()
         outsider.shutdown()
@@ -194,9 +203,11 @@ def test_private_swarm_compressed_wire_and_malformed_requests(swarm_factory, tmp
         assert swarm.wait_exit(name, 300) == 0, swarm.log(name)[-3000:]
     s1 = swarm.summary("s1")
     assert s1["inner_steps"] == 12 and s1["microbatches"] == 12 * 4  # the bad requests were never admitted
-    assert s1["transport"]["unauthorized"] == 3
+    assert s1["transport"]["unauthorized"] == 4
     print(f"\nprivate swarm: {s1['transport']['unauthorized']} requests without a valid swarm key refused, "
-          f"{len(bad)} malformed requests from a key holder rejected")
+          f"{len(bad)} malformed requests from a key holder rejected over P2P and over its direct lane")
+    wire = swarm.summary("s0")["transport"]
+    assert wire["calls"] == wire["lane_calls"] > 0, wire  # every hop of the run went over the direct lane
     curve = [loss for _, loss in s1["loss_curve"]]
     assert curve[-1] < curve[0] - 0.5, curve
 

@@ -26,7 +26,8 @@ REQUEST_TIMEOUT = 3.0  # servers give up on a request stream that stalls this lo
 
 # ------------------------------------------------------------------------------------------------- server process
 def _serve() -> None:
-    from swarm_peer.transport import Busy, StageServicer, serve_until_eof
+    from swarm_peer.event_loop import serve_until_eof
+    from swarm_peer.transport import Busy, StageServicer
 
     async def handler(metadata, tensors, remote_peer):
         op = metadata.get("op", "echo")
@@ -108,7 +109,7 @@ def _listening_unix_sockets(pgid: int) -> list:
 
 @pytest.fixture(scope="module")
 def servers():
-    started = [Server(), Server()]  # [0] serves every test, [1] is killed by test_dead_peer
+    started = [Server(), Server(), Server()]  # [0] serves every test, [1] and [2] are killed by test_dead_peer
     try:
         yield [s.ready() for s in started]
     finally:
@@ -116,20 +117,31 @@ def servers():
             server.kill()
 
 
-@pytest.fixture(scope="module")
-def client(servers):
+@pytest.fixture(scope="module", params=["p2p", "lane"])
+def client(servers, request):
+    """The caller: every call through hivemind P2P, or (lane) over the servers' direct TCP lanes (lanes.py)."""
     import hivemind
 
-    from swarm_peer.transport import LoopThread
+    from swarm_peer.event_loop import LoopThread
+    from swarm_peer.lanes import LaneClient
 
     dht = hivemind.DHT(initial_peers=[m for s in servers for m in s.maddrs], start=True)
     loop = LoopThread()
     try:
         p2p = loop.run(dht.replicate_p2p(), 30)
-        yield loop, p2p
+        lanes = {codec: LaneClient(p2p, f"{NAMESPACE}-{codec}") for codec in CODECS} if request.param == "lane" else None
+        yield Client(loop, p2p, lanes)
     finally:
         loop.stop()
         dht.shutdown()
+
+
+class Client(tuple):
+    """(loop, p2p), and the lane clients (one per server namespace) or None."""
+    def __new__(cls, loop, p2p, lanes):
+        self = super().__new__(cls, (loop, p2p))
+        self.lanes = lanes
+        return self
 
 
 def _peer(server):
@@ -142,8 +154,15 @@ def _call(client, server, metadata, tensors, codec="none", timeout=10.0, reply_c
     from swarm_peer.transport import call_forward
 
     loop, p2p = client
+    if client.lanes is not None:
+        kwargs = {"lanes": client.lanes[reply_codec], **kwargs}
     coro = call_forward(p2p, _peer(server), metadata, tensors, codec, timeout, f"{NAMESPACE}-{reply_codec}", **kwargs)
-    return loop.run(coro, timeout + 5)
+    stats = kwargs.get("stats")
+    lane_calls = stats.snapshot()["lane_calls"] if stats is not None else None
+    try:
+        return loop.run(coro, timeout + 5)
+    finally:  # over the lane indeed
+        assert stats is None or stats.snapshot()["lane_calls"] - lane_calls == int(client.lanes is not None)
 
 
 def _raw_call(client, server, messages, timeout=10.0, stall: float = 0):
@@ -265,6 +284,8 @@ def test_oversized_request_rejected(client, servers):
 
 
 def test_malformed_requests_get_error_replies(client, servers):
+    if client.lanes is not None:
+        pytest.skip("hivemind P2P streams: the lane's own are test_lane_*")
     from hivemind.proto import runtime_pb2
 
     from swarm_peer.transport import _encode
@@ -298,6 +319,8 @@ def test_malformed_requests_get_error_replies(client, servers):
 
 
 def test_stalled_request_gets_error_reply(client, servers):
+    if client.lanes is not None:
+        pytest.skip("hivemind P2P streams: the lane's own are test_lane_*")
     from hivemind.proto import runtime_pb2
 
     from swarm_peer.transport import _encode
@@ -311,6 +334,8 @@ def test_stalled_request_gets_error_reply(client, servers):
 
 
 def test_client_hangs_up_mid_tensor(client, servers):
+    if client.lanes is not None:
+        pytest.skip("hivemind P2P streams: the lane's own are test_lane_*")
     from hivemind.proto import runtime_pb2
 
     from swarm_peer.transport import StageServicer, _encode
@@ -335,6 +360,85 @@ def test_client_hangs_up_mid_tensor(client, servers):
     _assert_alive(client, servers[0])
 
 
+def _raw_lane(client, server, data: bytes, ticket: bytes | None = None, stall: float = 0, timeout: float = 10.0):
+    """Open a lane to `server` with a real ticket (or `ticket`), send `data`, stall, then half-close; return the reply
+    frame's metadata, or None when the server closed the connection without one."""
+    import socket
+
+    from swarm_peer import lanes
+    from swarm_peer.transport import Limits
+
+    loop, p2p = client
+    lane_client = client.lanes["none"]
+
+    async def go():
+        lane = await lane_client._ask(_peer(server), 5)
+        sock = socket.create_connection((lane.hosts[0], lane.port), 5)
+        sock.setblocking(False)
+        try:
+            aio = asyncio.get_running_loop()
+            await aio.sock_sendall(sock, ticket if ticket is not None else lane.ticket)
+            try:
+                proof = await lanes._read_exactly(sock, lanes.TOKEN_BYTES)
+            except ConnectionError:
+                return None
+            assert bytes(proof) == lane.proof
+            await aio.sock_sendall(sock, data)
+            await asyncio.sleep(stall)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                reply, headers = await lanes._read_head(sock, Limits())
+            except ConnectionError:
+                return None
+            await lanes._read_tensors(sock, headers)
+            return reply
+        finally:
+            sock.close()
+
+    return loop.run(asyncio.wait_for(go(), timeout), timeout + 5)
+
+
+def _lane_frame(header) -> bytes:
+    head = msgpack.packb(header, use_bin_type=True)
+    return len(head).to_bytes(4, "big") + head
+
+
+def test_lane_refuses_malformed_frames_and_strangers(client, servers):
+    """A lane connection without this caller's ticket gets nothing; a malformed or oversized frame gets an error
+    reply (caps checked from the header, before anything is allocated), then the server closes it; the server goes
+    on serving."""
+    if client.lanes is None:
+        pytest.skip("the direct lane's own protocol")
+    from hivemind.proto import runtime_pb2
+
+    def tensor(**fields):
+        return runtime_pb2.Tensor(**fields).SerializeToString()
+
+    assert _raw_lane(client, servers[0], b"", ticket=bytes(32)) is None  # a stranger: closed, no proof
+    cases = {
+        "undecodable frame header": len(b"\xc1\xc1 x").to_bytes(4, "big") + b"\xc1\xc1 x",
+        "bad frame header": _lane_frame([1, 2, 3]),
+        "exceeds the cap": (10 << 20).to_bytes(4, "big"),
+        "at most 64 tensors": _lane_frame({"m": {}, "t": [[tensor(size=[1], dtype="float32"), 4]] * 65}),
+        "bad tensor header": _lane_frame({"m": {}, "t": [["not bytes", 4]]}),
+        "tensors exceed": _lane_frame({"m": {}, "t": [[tensor(size=[1 << 20, 1 << 12], dtype="float32"), 16]]}),
+        "unsupported dtype": _lane_frame({"m": {}, "t": [[tensor(size=[1], dtype="object"), 4]]}),
+        "failed to decode": _lane_frame({"m": {}, "t": [[tensor(size=[4], dtype="float32"), 3]]}) + b"abc",
+    }
+    for expected, data in cases.items():
+        reply = _raw_lane(client, servers[0], data)
+        assert reply is not None and expected in reply.get("error", ""), (expected, reply)
+    # truncated: announces 4 MiB, sends 1 MiB and hangs up: no reply, nothing served
+    truncated = _lane_frame({"m": {}, "t": [[tensor(size=[1 << 20], dtype="float32"), 4 << 20]]}) + bytes(1 << 20)
+    assert _raw_lane(client, servers[0], truncated) is None
+    # stalled mid-payload: an error reply after the server's request timeout
+    start = time.perf_counter()
+    reply = _raw_lane(client, servers[0], truncated, stall=REQUEST_TIMEOUT + 1, timeout=REQUEST_TIMEOUT + 10)
+    assert "not complete within" in reply["error"], reply
+    assert REQUEST_TIMEOUT - 0.5 < time.perf_counter() - start < REQUEST_TIMEOUT + 3
+    _assert_alive(client, servers[0])
+
+
 def test_timeout(client, servers):
     from swarm_peer.transport import TransportError, TransportTimeout
 
@@ -349,17 +453,18 @@ def test_timeout(client, servers):
 def test_dead_peer_fails_fast(client, servers):
     from swarm_peer.transport import TransportError
 
-    _assert_alive(client, servers[1])  # connected once, then SIGKILLed (with its DHT and p2pd)
-    servers[1].crash()
+    victim = servers[1 if client.lanes is None else 2]  # one per client (p2p, lane)
+    _assert_alive(client, victim)  # connected once, then SIGKILLed (with its DHT and p2pd)
+    victim.crash()
     start = time.perf_counter()
     with pytest.raises(TransportError):
-        _call(client, servers[1], {"op": "double"}, [torch.ones(2)], timeout=10)
+        _call(client, victim, {"op": "double"}, [torch.ones(2)], timeout=10)
     assert time.perf_counter() - start < 5
     _assert_alive(client, servers[0])
 
 
 def test_loop_thread():
-    from swarm_peer.transport import LoopThread
+    from swarm_peer.event_loop import LoopThread
 
     async def add(a, b):
         await asyncio.sleep(0.01)

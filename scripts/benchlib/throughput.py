@@ -67,18 +67,23 @@ def part_a(bench: Bench) -> dict:
 def part_b(bench: Bench) -> dict:
     codecs = ("none", "fp16", "8bit")
     hop = bench.run_hop_bench(",".join(codecs), bench.sized(3.0, 1.0), bench.sized(8, 2))
-    rows = {r["codec"]: r for r in hop["rows"] if r["case"] == "call_forward"}
+    p2p = {r["codec"]: r for r in hop["rows"] if r["case"] == "call_forward"}
+    lane = {r["codec"]: r for r in hop["rows"] if r["case"] == "call_forward lane"}
     tcp = next(r for r in hop["rows"] if r["case"] == "raw TCP")
+    paths = {"": lane, "p2p.": p2p}  # b.none: over the direct lane (what peers use); b.p2p.none: through p2pd
+    via = {"": "over the direct TCP lane", "p2p.": "through hivemind P2P"}
     return {
-        "ratios": {f"b.{c}": rows[c]["tensors_per_s"] / tcp["tensors_per_s"] for c in codecs},
+        "ratios": {f"b.{path}{c}": rows[c]["tensors_per_s"] / tcp["tensors_per_s"]
+                   for path, rows in paths.items() for c in codecs},
         "figures": {"shape": tcp["shape"], "raw_tcp_tensors_per_s": tcp["tensors_per_s"],
-                    **{f"{c}_tensors_per_s": rows[c]["tensors_per_s"] for c in codecs},
-                    **{f"{c}_p50_ms": rows[c]["p50_ms"] for c in codecs},
+                    **{f"{path}{c}_tensors_per_s": rows[c]["tensors_per_s"]
+                       for path, rows in paths.items() for c in codecs},
+                    **{f"{path}{c}_p50_ms": rows[c]["p50_ms"] for path, rows in paths.items() for c in codecs},
                     "raw_tcp_p50_ms": tcp["p50_ms"], "chunk_bytes": hop["chunk_bytes"],
                     "tcp_bulk": hop.get("tcp_bulk")},
         "rows": hop["rows"],
-        "definitions": {f"b.{c}": f"activation hops/s through call_forward (one {tcp['shape']} fp32 tensor out, "
-                                  f"a same-shaped one back, forward/backward codec {c}, one call in flight, "
-                                  f"server in another process) / hops/s of a raw loopback TCP echo of the same "
-                                  f"tensor as fp32 bytes" for c in codecs},
+        "definitions": {f"b.{path}{c}": f"activation hops/s through call_forward ({via[path]}; one {tcp['shape']} "
+                                        f"fp32 tensor out, a same-shaped one back, forward/backward codec {c}, one "
+                                        f"call in flight, server in another process) / hops/s of a raw loopback "
+                                        f"TCP echo of the same tensor as fp32 bytes" for path in paths for c in codecs},
     }
