@@ -294,9 +294,10 @@ class LaneClient:
                 return sock
             sock.close()
         lane = self._lanes.get(peer_id)
-        if lane is None or now - lane.issued > TICKET_S / 2:
+        sock = await self._open(lane, timeout) if lane is not None and now - lane.issued < TICKET_S / 2 else None
+        if sock is None:  # no ticket yet, an old one, or the peer restarted elsewhere: ask (again)
             lane = await self._ask(peer_id, timeout)
-        sock = await self._open(lane, timeout) if lane is not None else None
+            sock = await self._open(lane, timeout) if lane is not None else None
         if sock is None:
             self._lanes.pop(peer_id, None)
             self._unreachable[peer_id] = time.monotonic() + UNREACHABLE_S
