@@ -274,6 +274,7 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
     from swarm_peer.records import local_public_key, make_validators
     from swarm_peer.stage_worker import StageWorker
     from swarm_peer.event_loop import LoopThread
+    from swarm_peer import standing_group
     from swarm_peer.lanes import LaneClient, LaneServer
 
     device = resolve_device(cfg.run.device)
@@ -292,7 +293,7 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
     corpus = load_corpus(cfg) if args.stage == 0 else None  # before joining: a bad data source fails fast
     validators = make_validators(args.run_id, cfg.swarm.num_stages, args.identity.key)
     dht = start_dht(args, validators)
-    loop = worker = lanes = lane_server = None
+    loop = worker = lanes = lane_server = group_server = None
     try:
         sampler = None
         if corpus is not None:
@@ -326,6 +327,9 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
                     raise _fail(f"cannot listen for direct lanes on {lane_server.bind_host} port "
                                 f"{cfg.swarm.lane_port}: {e.strerror or e}") from None
             loop.run(servicer.add_p2p_handlers(p2p, namespace=args.run_id), timeout=30)
+            if cfg.swarm.sync_mode == "sync" and cfg.swarm.direct_lanes:  # rounds with no matchmaking once formed
+                group_server = loop.run(standing_group.start(cfg, worker.sync, p2p, f"{args.run_id}_fast{args.stage}",
+                                                             *lane_endpoints(args, maddrs), args.swarm_key), timeout=30)
         print(f"[stage {args.stage}] peer {dht.peer_id} serving layers [{worker.spec.start}:{worker.spec.end}] of "
               f"{cfg.model.num_layers}, run {args.run_id!r}", flush=True)
 
@@ -371,9 +375,10 @@ def run_peer(cfg, args, shard: tuple[int, int]) -> int:
             worker.sync.shutdown()
             worker.compute.stop()
         if loop is not None:
-            if lane_server is not None:
-                with contextlib.suppress(Exception):
-                    loop.run(lane_server.close(), timeout=10)
+            for server in (lane_server, group_server):
+                if server is not None:
+                    with contextlib.suppress(Exception):
+                        loop.run(server.close(), timeout=10)
             if lanes is not None:
                 loop.loop.call_soon_threadsafe(lanes.close)
             loop.stop()

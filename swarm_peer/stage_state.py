@@ -4,20 +4,22 @@ applies it. A part of StageSync (sync.py), which holds the attributes used here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
 import torch
 
 from swarm_peer.compute import STEP
-from swarm_peer.sync_rules import Progress, group_clock, state_problem, vouched, vouched_recently
+from swarm_peer.sync_rules import (Progress, choose_donors, end_fallback, group_clock, state_problem, vouched,
+                                   vouched_recently)
 
 log = logging.getLogger("swarm_peer")
 
 
 class StageState:
-    """Mixed into StageSync: uses its cfg, mode, compute, trainer, strategy, averager, progress, trust, others, agreed,
-    recoveries, fallback()."""
+    """Mixed into StageSync: uses its cfg, mode, me, training, compute, trainer, strategy, averager, progress, trust,
+    others, agreed, recoveries, rounds, note_agreed()."""
     # ---- what this peer's state is, and what a downloader gets
     def _state_tensors(self) -> tuple[dict, list[torch.Tensor]]:
         meta = {"round": self.progress.round, "hash": self.progress.global_hash, "mode": self.mode,
@@ -41,6 +43,22 @@ class StageState:
         self.note_agreed()
 
     # ---- recovery and joining
+    def donors(self) -> list[str]:
+        if self.mode == "none" or self.progress.syncing:
+            return []
+        fallback = self.fallback()
+        donors = choose_donors(self.me, self.progress, self.others, fallback)
+        if fallback is not None and fallback != self._fallback_told:  # once per (round, hash)
+            self._fallback_told = fallback
+            log.warning(f"no stage peer holds an agreed state at the run's end; the stage ends on round {fallback[0]} "
+                        f"weights {fallback[1]} (the most held, ties to the smallest peer id): "
+                        f"{'downloading them' if donors else 'this peer holds them'}")
+        return donors
+
+    def fallback(self) -> tuple[int, str] | None:
+        """The (round, hash) the stage ends on when nobody holds an agreed state (sync_rules.end_fallback)."""
+        return end_fallback(self.me, self.progress, list(self.others), idle=not self.training)
+
     def top_peers(self) -> list[str]:
         """The voting peers at the newest round (donors when this peer knows it is behind)."""
         voters = [o for o in self.others if o.round_ok]
@@ -131,3 +149,22 @@ class StageState:
         log.warning(f"stage state recovered ({reason}): round {meta['round']}, run step {clock:g}, weights {meta['hash']}, "
                     f"{nbytes / 2**20:.1f} MiB from {len(donors)} donor(s) in {event['seconds']:.1f}s")
         return True
+
+    # ---- checkpoints and the summary
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "outer": self.strategy.state_dict(),
+                "progress": dataclasses.asdict(self.progress)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != self.mode:
+            raise ValueError(f"checkpoint was taken in sync_mode {state.get('mode')}, this peer runs {self.mode}")
+        self.strategy.load_state_dict(state.get("outer"))
+        self.progress = Progress(**{**state["progress"], "syncing": False})
+        self.note_agreed()
+
+    def summary(self) -> dict:
+        if self.mode == "none":  # no rounds: the replica's own current weights
+            self.progress.global_hash = self.strategy.state_hash()
+        group = self.group.stats.snapshot() if self.group is not None else None
+        return {"mode": self.mode, "round": self.progress.round, "global_hash": self.progress.global_hash,
+                "rounds": self.rounds, "recoveries": self.recoveries, **({"standing_group": group} if group else {})}

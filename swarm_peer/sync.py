@@ -14,7 +14,9 @@ peers that can join), every timeout set, bit-identical results (averaging.py). A
 `swarm.averaging_timeout`; a peer that finds itself alone applies its own outer step on schedule (`round_ok`); one
 that failed to average with peers that exist steps alone too but marks `round_ok = False`, so it won't vote.
 Overlapped (DiLoCo, `swarm.overlap_rounds`): `begin_round` fixes the contribution, the round runs while the peer
-trains and serves, and `land` hands its update to the local weights at a later inner step.
+trains and serves, and `land` hands its update to the local weights at a later inner step. Sync mode: once a
+hivemind round averaged a group of peers that all keep a standing group, their next rounds go over it, with no
+matchmaking (standing_group.py).
 
 Agreement. Peers publish the hash of their global weights at the start of each round. A peer whose hash differs from
 the majority of the voting peers at the newest round (ties: the hash held by the smallest peer id), or who is behind
@@ -26,7 +28,6 @@ at the newest round, ties to the smallest peer id (sync_rules.end_fallback): its
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import threading
@@ -44,8 +45,7 @@ from swarm_peer.donor_trust import DonorTrust
 from swarm_peer.records import RECENT_ROUNDS, StageRecord
 from swarm_peer.stage_state import StageState
 from swarm_peer.sync_modes import Independent, make_mode
-from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, choose_donors, end_fallback,
-                                   group_clock,
+from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, group_clock,
                                    group_hash, max_round_weight, remember_agreements, round_bits, round_due)
 from swarm_peer.validation import all_finite
 
@@ -76,6 +76,8 @@ class StageSync(StageState):
         self.rounds: list[dict] = []
         self.recoveries: list[dict] = []
         self.averager = None
+        self.group = None  # sync mode's standing group over direct lanes (standing_group.py; set by the peer)
+        self._publishing: asyncio.Future | None = None  # the last record publication (_publish)
         self.clock_pending = False
         self.background = False  # an overlapped round is running: the peer trains and serves meanwhile
         self.applying = False  # ... and writing its outer step into the global copy (not to be cancelled)
@@ -170,22 +172,6 @@ class StageSync(StageState):
         return self.progress.round_steps > 0 or any(
             o.round == self.progress.round and o.round_steps > 0 for o in self.others)
 
-    def donors(self) -> list[str]:
-        if self.mode == "none" or self.progress.syncing:
-            return []
-        fallback = self.fallback()
-        donors = choose_donors(self.me, self.progress, self.others, fallback)
-        if fallback is not None and fallback != self._fallback_told:  # once per (round, hash)
-            self._fallback_told = fallback
-            log.warning(f"no stage peer holds an agreed state at the run's end; the stage ends on round {fallback[0]} "
-                        f"weights {fallback[1]} (the most held, ties to the smallest peer id): "
-                        f"{'downloading them' if donors else 'this peer holds them'}")
-        return donors
-
-    def fallback(self) -> tuple[int, str] | None:
-        """The (round, hash) the stage ends on when nobody holds an agreed state (sync_rules.end_fallback)."""
-        return end_fallback(self.me, self.progress, list(self.others), idle=not self.training)
-
     # ---- a round
     async def _average(self, r: int, weight: float, clock: float, refresh, contribute,
                        phases: dict) -> tuple[dict | None, str]:
@@ -199,6 +185,10 @@ class StageSync(StageState):
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.cfg.swarm.averaging_timeout
         attempts, last_error = 0, ""
+        if self.fast_round(r):
+            fast = await self._average_fast(r, weight, clock, contribute, phases)
+            if fast is not None:
+                return fast
         while time.monotonic() < deadline:
             view = await loop.run_in_executor(None, refresh)
             others = view.others
@@ -229,7 +219,7 @@ class StageSync(StageState):
             budget = min(deadline - time.monotonic(), 3 * self.cfg.swarm.matchmaking_time + 1)
             if budget <= self.cfg.swarm.matchmaking_time:
                 break
-            mine = {"round": r, "hash": self.progress.global_hash, "clock": clock, "ok": self.progress.round_ok}
+            mine = self._gather(r, clock)
             control = self.averager.step(weight=weight, gather=mine, timeout=budget, allow_retries=False, wait=False)
 
             async def give_up():
@@ -243,6 +233,8 @@ class StageSync(StageState):
             if gathered is not None:
                 began = seen.get("allreduce_at", time.monotonic())
                 phases["matchmaking_s"], phases["allreduce_s"] = began - t_step, time.monotonic() - began
+                if self.group is not None and all(isinstance(v, dict) and v.get("fast") for v in gathered.values()):
+                    self.group.form([str(k) for k in gathered], r + 1)  # the next rounds need no matchmaking
                 return {str(k): v for k, v in gathered.items()}, f"averaged in {attempts} attempt(s)"
             last_error = error
             log.info(f"stage round {r}: attempt {attempts} failed: {error}")
@@ -252,6 +244,35 @@ class StageSync(StageState):
                 # the stage's majority is recovered at the next round
                 return None, f"failed during the all-reduce ({error}); not retried: a groupmate may have completed it"
         return None, f"failed after {attempts} attempt(s): {last_error or 'no groupmates'}"
+
+    def _gather(self, r: int, clock: float) -> dict:
+        """What this peer tells its groupmates (their group_hash and group_clock read it)."""
+        return {"round": r, "hash": self.progress.global_hash, "clock": clock, "ok": self.progress.round_ok,
+                **({"fast": True} if self.group is not None else {})}
+
+    def fast_round(self, r: int) -> bool:
+        """Is round r for the standing group (sync mode, standing_group.py)?"""
+        return self.group is not None and self.group.usable(r)
+
+    async def _average_fast(self, r: int, weight: float, clock: float, contribute, phases: dict):
+        """A round over the standing group: (gathered, outcome), or None when nobody completed it (then hivemind's
+        matchmaking; the group it forms stands next)."""
+        loop, t0 = asyncio.get_running_loop(), time.monotonic()
+        def prepare() -> None:  # the averager's lock may be held by a timed-out attempt: not the loop
+            with self.averager.get_tensors() as tensors:
+                self.compute.call(STEP, lambda: contribute(tensors))
+        await loop.run_in_executor(None, prepare)
+        phases["prepare_s"] = time.monotonic() - t0
+        gathered, kind, error = await self.group.run(r, self.buffers, weight, self._gather(r, clock))
+        if kind == "ok":
+            phases["allreduce_s"] = time.monotonic() - t0 - phases["prepare_s"]
+            phases["waiting_s"] = self.group.last_wait_s  # (of the all-reduce: for the last groupmate's part)
+            return {str(k): v for k, v in gathered.items()}, "averaged over the standing group"
+        self.group.disband()
+        if kind == "ambiguous":
+            return None, f"failed during the all-reduce ({error}); not retried: a groupmate may have completed it"
+        log.info(f"stage round {r}: the standing group's all-reduce did not complete ({error}); matchmaking")
+        return None
 
     async def begin_round(self, overlap: bool) -> None:
         """An outer round begins (the stepper, with the window drained): what it averages is fixed now. Overlapped,
@@ -285,7 +306,7 @@ class StageSync(StageState):
         loop = asyncio.get_running_loop()
         r, t0 = self.progress.round, time.monotonic()
         self.progress.syncing = True
-        await publish()
+        await self._publish(publish, soon=self.fast_round(r))
         mode = self.strategy
         began_steps, began_samples, began_clock = self._began if mode.outer_rounds else (0, 0, 0.0)
         samples = mode.round_samples(began_samples, completed_samples)
@@ -392,24 +413,19 @@ class StageSync(StageState):
             self._advance(metrics["round"] + 1)
             self._record(metrics)
         await self.compute.run(STEP, finish)
-        await publish()
+        await self._publish(publish, soon=self.group is not None and bool(self.group.members))
 
-    def state_dict(self) -> dict:
-        return {"mode": self.mode, "outer": self.strategy.state_dict(),
-                "progress": dataclasses.asdict(self.progress)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("mode") != self.mode:
-            raise ValueError(f"checkpoint was taken in sync_mode {state.get('mode')}, this peer runs {self.mode}")
-        self.strategy.load_state_dict(state.get("outer"))
-        self.progress = Progress(**{**state["progress"], "syncing": False})
-        self.note_agreed()
-
-    def summary(self) -> dict:
-        if self.mode == "none":  # no rounds: the replica's own current weights
-            self.progress.global_hash = self.strategy.state_hash()
-        return {"mode": self.mode, "round": self.progress.round, "global_hash": self.progress.global_hash,
-                "rounds": self.rounds, "recoveries": self.recoveries}
+    async def _publish(self, publish, soon: bool) -> None:
+        """Publish this peer's record: now, or (soon: a standing group's round, which waits for nobody's reading of
+        it) in the background, in order (one DHT store is ~20 ms here, a standing-group round ~50)."""
+        previous = self._publishing
+        async def in_order():
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await publish()
+        self._publishing = asyncio.ensure_future(in_order())
+        if not soon:
+            await self._publishing
 
     def shutdown(self) -> None:
         if self.averager is not None and self.averager.is_alive():

@@ -151,8 +151,9 @@ def group_clock(gathered: dict, own: float, limit: float) -> float:
 
 
 # where a round's seconds go (each None when the round never got there): writing the contributions into the
-# averager's buffers, finding the group, the all-reduce itself, the outer step (or gradients) on the compute thread
-ROUND_PHASES = ("prepare_s", "matchmaking_s", "allreduce_s", "apply_s")
+# averager's buffers, finding the group, the all-reduce itself (over a standing group: "waiting", the part of it
+# until the last member's contribution came in), the outer step (or gradients) on the compute thread
+ROUND_PHASES = ("prepare_s", "matchmaking_s", "allreduce_s", "waiting_s", "apply_s")
 
 
 def format_round(m: dict) -> str:

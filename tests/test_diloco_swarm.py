@@ -116,6 +116,10 @@ def test_sync_mode_averages_gradients_every_step(swarm_factory):
             first = min((r["round"] for r in rounds if r["group_size"] == 2), default=None)
             together = [r for r in rounds if first is not None and r["round"] >= first]
             assert len(together) >= 3 and sum(r["group_size"] == 2 for r in together) >= 0.5 * len(together)
+            # after the first hivemind round of the pair, their standing group: no matchmaking (standing_group.py)
+            fast = [r for r in together if r["outcome"] == "averaged over the standing group"]
+            assert len(fast) >= 0.5 * len(together) and all(r["matchmaking_s"] is None for r in fast), together
+            assert p["sync"]["standing_group"]["lane_calls"] > 0, p["sync"]
             # every step of its own (the ledger; a joiner's inner_steps also counts those it adopted) had its round
             assert len(rounds) + sum(1 for e in p["sync"]["recoveries"]) >= len(p["ledger"]) - 1
 
