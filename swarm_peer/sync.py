@@ -43,6 +43,7 @@ from swarm_peer.config import Config
 from swarm_peer.diloco import OuterOptimizer, squared_norm
 from swarm_peer.donor_trust import DonorTrust
 from swarm_peer.records import RECENT_ROUNDS, StageRecord
+from swarm_peer.overlap import OverlappedRounds
 from swarm_peer.stage_state import StageState
 from swarm_peer.sync_modes import Independent, make_mode
 from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, group_clock,
@@ -54,7 +55,7 @@ AGREEMENT_MEMORY_S = 30.0  # how long a round's majority hash, once seen in the 
 
 
 # ------------------------------------------------------------------------------------------------ the peer side
-class StageSync(StageState):
+class StageSync(StageState, OverlappedRounds):
     """One peer's side of its stage's rounds. Torch work runs on the peer's compute thread; blocking hivemind calls
     in executor threads; decisions read the stage's records that the worker refreshes (`view`, replaced whole)."""
 
@@ -105,11 +106,6 @@ class StageSync(StageState):
         self.progress = Progress(global_hash=self.strategy.state_hash())
 
     @property
-    def overlaps(self) -> bool:
-        """Outer rounds run while inner training goes on (`swarm.overlap_rounds`; DiLoCo only)."""
-        return self.cfg.swarm.overlap_rounds and self.strategy.outer_rounds
-
-    @property
     def paused(self) -> bool:
         """In a round that admits no training request (every round but an overlapped one)."""
         return self.progress.syncing and not self.background
@@ -148,17 +144,6 @@ class StageSync(StageState):
             self.progress.round_samples += samples
         if self.background:
             self._since_began = (self._since_began[0] + 1, self._since_began[1] + samples)
-
-    def overdue(self) -> bool:
-        """An overlapped round still out when the next would be due: this peer has trained H inner steps since it
-        began (with `sync_samples`: as many samples as it put into it). The stepper then waits for it, so an outer
-        update lands at most one round late and rounds keep their cadence of H inner steps."""
-        if not self.background:
-            return False
-        steps, samples = self._since_began
-        if self.cfg.swarm.sync_samples:
-            return samples >= max(1, self._began[1])
-        return steps >= self.cfg.swarm.sync_every
 
     def due(self, lookahead: int = 0) -> bool:
         """Is an outer round due (only modes with outer rounds have one)?"""
@@ -273,31 +258,6 @@ class StageSync(StageState):
             return None, f"failed during the all-reduce ({error}); not retried: a groupmate may have completed it"
         log.info(f"stage round {r}: the standing group's all-reduce did not complete ({error}); matchmaking")
         return None
-
-    async def begin_round(self, overlap: bool) -> None:
-        """An outer round begins (the stepper, with the window drained): what it averages is fixed now. Overlapped,
-        the peer reopens its window right after and runs the round in the background (`run_round`, then `land`)."""
-        def begin():
-            self.strategy.begin_round(overlap)
-            self._began = (self.progress.round_steps, self.progress.round_samples, self.trainer.clock)
-            self._since_began = (0, 0)
-        await self.compute.run(STEP, begin)
-        self.background = overlap
-
-    async def land(self, metrics: dict | None) -> None:
-        """An overlapped round has ended (the stepper, with the window drained): the outer update reaches the local
-        weights, and the run clock moves by the group's alignment (the inner steps since the round began stay)."""
-        def land():
-            if metrics is not None:
-                metrics["overlapped_steps"] = self._since_began[0]  # inner steps trained while it ran
-                self.strategy.land()
-                aligned = self.trainer.clock + metrics["clock"] - self._began[2]
-                clock = aligned if self.training else max(self.trainer.clock, metrics["clock"])
-                self.trainer.clock = min(max(clock, 0.0), float(self.cfg.run.max_steps))
-            else:
-                self.strategy.overlapping = False  # behind or failed: a recovery replaces the weights
-        await self.compute.run(STEP, land)
-        self.background = self.progress.syncing = False
 
     async def run_round(self, completed_samples: int, refresh, publish) -> dict | None:
         """One round. diloco: outer step on the averaged pseudo-gradient (after `begin_round`). sync: average gradients
