@@ -40,6 +40,7 @@ from swarm_peer.swarm_key import SwarmKey, auth_error
 log = logging.getLogger("swarm_peer")
 MAX_STATE_TENSORS = 4096  # tensors a state download may ask for (a stage has ~3 per parameter tensor)
 PHASE_POLL_S = 0.02  # how finely a round's matchmaking / all-reduce split is timed (a shared-memory flag read)
+DECLINES_TO_DROP = 4  # empty answers (state being written, or not shared) before a download gives a donor up
 MALFORMED_BAN_S = 600.0  # a groupmate that sent a malformed part or weight: no honest peer does, so no group with it
 
 
@@ -227,8 +228,8 @@ class StageAverager(DecentralizedAverager):
         peers = [PeerID.from_base58(d) for d in donors if d != str(self.peer_id)]
         tensors: dict[int, torch.Tensor] = {}
         version, kept_metadata = None, None  # the (round, hash) every tensor is of
-        todo = list(range(num_tensors))
-        for _ in range(4 * len(peers) + 4):  # each pass ends a donor or fetches what is left: bounded
+        todo, declines = list(range(num_tensors)), {}
+        for _ in range((4 + DECLINES_TO_DROP) * len(peers) + 4):  # each pass ends or fetches, or a decline: bounded
             if not (todo and peers):
                 break
             shares = {peer: todo[i::len(peers)] for i, peer in enumerate(peers)}
@@ -236,6 +237,10 @@ class StageAverager(DecentralizedAverager):
                                              if share), return_exceptions=True)
             served: dict[tuple, list] = {}  # version -> [(peer, share, tensors, metadata)] of this pass
             for (peer, share), result in zip([(p, s) for p, s in shares.items() if s], results):
+                if result is None and declines.get(peer, 0) + 1 < DECLINES_TO_DROP:
+                    declines[peer] = declines.get(peer, 0) + 1  # its state was being written (a lone peer's
+                    await asyncio.sleep(0.1 * declines[peer])  # overlapped rounds run back to back): ask again
+                    continue
                 if isinstance(result, BaseException) or result is None:
                     log.warning(f"state download from {str(peer)[-8:]} failed ({result!r}); trying the others")
                     peers.remove(peer)

@@ -76,7 +76,9 @@ def estimate(cfg: Config, stage: int) -> MemoryEstimate:
                           # + the local snapshot an overlapped round contributes from
                           outer_state=(12 if cfg.swarm.overlap_rounds else 8) * n if mode == "diloco" else 0,
                           averaging_buffers=0 if mode == "none" else n * averaging_buffer_dtype(
-                              mode, cfg.swarm.compression.averaging).itemsize,
+                              mode, cfg.swarm.compression.averaging).itemsize
+                          # + sync mode's standing group: the sums of the chunks it reduces (a pair: half the buffer)
+                          + (2 * n if mode == "sync" and cfg.swarm.direct_lanes else 0),
                           activations=cfg.swarm.max_inflight * per_microbatch)
 
 

@@ -9,11 +9,11 @@ member c mod n: every member sends it its slice of chunk c with its sample weigh
 them as they arrive (weighted, fp32, one accumulator per chunk) and, once all n are in, answers every member with
 the same average bytes and everyone's `gather` (so group_hash and group_clock work as after a hivemind round).
 
-Membership. Members use the group while they complete rounds over it, and every REFORM_EVERY rounds go back to
-hivemind's matchmaking together, where a joiner comes in (until then its own attempts find no group and it follows
-the stage by recovering its state). The choice is made from what all members share (the round number, the rounds
-they completed together), never from each one's view of the records: members on different paths would wait for
-each other. Failure. A reducer that lacks a contribution after `wait_s` (a member left or was killed) declares that
+Membership. Members use the group while they complete rounds over it. Each member's `gather` says how many stage
+mates it sees; a group forms, and stays, only while every member sees exactly its groupmates (`sees_only`). Once one
+sees more (a joiner, a mate whose side of the forming round failed), every member (all hold the same gathered dict)
+matchmakes through hivemind from the next round on, which takes the joiner in, as before standing groups existed. The choice is made from what all members
+share, never from each one's view of the records: members on different paths would wait for each other. Failure. A reducer that lacks a contribution after `wait_s` (a member left or was killed) declares that
 chunk failed: it never averages it, and answers "incomplete" to all. Then no member can complete the round, so the
 round is retried through hivemind (which forms the next group). A member whose own
 call broke (transport error) cannot know whether others completed the round: it does not retry (not voting), as
@@ -38,7 +38,6 @@ from swarm_peer.validation import all_finite
 
 CHUNK_VALUES = 1 << 20  # values per chunk (4 MiB of fp32): at least one chunk per member
 MAX_IN_FLIGHT = 4  # chunks a member sends to one reducer at once
-REFORM_EVERY = 32  # rounds; then one through hivemind's matchmaking (joiners come in there)
 INCOMPLETE = "incomplete"  # a reducer's definitive "this chunk was never averaged" (the error reply's text starts so)
 log = logging.getLogger("swarm_peer")
 
@@ -59,6 +58,14 @@ def segments(sizes: list[int], start: int, end: int) -> list[tuple[int, int, int
             out.append((i, a - offset, b - offset))
         offset += size
     return out
+
+
+def sees_only(gathered: dict) -> bool:
+    """May these groupmates (a round's gathered dict, the same on all of them) stand as a group: every one of them
+    runs standing groups and sees exactly its groupmates as its stage's mates (none outside: a joiner, a mate whose
+    side of this round failed)? While one sees more, rounds matchmake, which takes the others in."""
+    return len(gathered) >= 2 and all(isinstance(g, dict) and g.get("fast") is True and g.get("mates") == len(gathered) - 1
+                                      for g in gathered.values())
 
 
 def group_id(members: tuple[str, ...], formed_round: int) -> str:
@@ -109,11 +116,10 @@ class StandingGroup:
         self.form((), -1)
 
     def usable(self, r: int) -> bool:
-        """Use the group for round r: it formed at round r, or averaged round r - 1, and r is no re-forming round.
-        Decided from what every member shares (the rounds they completed together, r), never from each one's
-        view of the records, which differ: a member that took another path would leave the rest waiting. Every
-        REFORM_EVERY rounds the group goes back to hivemind's matchmaking, which takes in joiners."""
-        return bool(self.members) and r == self.completed + 1 and r % REFORM_EVERY != 0
+        """Use the group for round r: it formed at round r, or averaged round r - 1. Decided from what every member
+        shares (the rounds they completed together), never from each one's view of the records, which differ: a
+        member that took another path would leave the rest waiting."""
+        return bool(self.members) and r == self.completed + 1
 
     # ---- the reducer's side (a lane handler)
     def _chunk(self, r: int, c: int) -> _Chunk | None:
@@ -221,9 +227,14 @@ class StandingGroup:
             put(c, result)
 
         results = await asyncio.gather(*(one(c) for c in range(len(bounds))), return_exceptions=True)
+        for key in [k for k in self._chunks if k[0] <= r]:  # every part of ours is in or failed: no more will come
+            del self._chunks[key]  # (their averages, half the buffer in a pair, are not kept for later rounds)
         errors = [e for e in results if isinstance(e, BaseException)]
         if not errors:
             self.completed = r
+            if not sees_only(gathered):
+                self.disband()  # a member sees a stage mate outside the group: the next round matchmakes (every
+                # member decides so from the same gathered dict)
             return gathered, "ok", ""
         clean = [e for e in errors if isinstance(e, (RemoteError, RuntimeError)) and str(e).startswith(INCOMPLETE)]
         first = errors[0]

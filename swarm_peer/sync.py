@@ -45,6 +45,7 @@ from swarm_peer.donor_trust import DonorTrust
 from swarm_peer.records import RECENT_ROUNDS, StageRecord
 from swarm_peer.overlap import OverlappedRounds
 from swarm_peer.stage_state import StageState
+from swarm_peer.standing_group import sees_only
 from swarm_peer.sync_modes import Independent, make_mode
 from swarm_peer.sync_rules import (ROUND_PHASES, Progress, StageView, averaging_buffer_dtype, group_clock,
                                    group_hash, max_round_weight, remember_agreements, round_bits, round_due)
@@ -218,7 +219,7 @@ class StageSync(StageState, OverlappedRounds):
             if gathered is not None:
                 began = seen.get("allreduce_at", time.monotonic())
                 phases["matchmaking_s"], phases["allreduce_s"] = began - t_step, time.monotonic() - began
-                if self.group is not None and all(isinstance(v, dict) and v.get("fast") for v in gathered.values()):
+                if self.group is not None and sees_only(gathered):
                     self.group.form([str(k) for k in gathered], r + 1)  # the next rounds need no matchmaking
                 return {str(k): v for k, v in gathered.items()}, f"averaged in {attempts} attempt(s)"
             last_error = error
@@ -231,9 +232,12 @@ class StageSync(StageState, OverlappedRounds):
         return None, f"failed after {attempts} attempt(s): {last_error or 'no groupmates'}"
 
     def _gather(self, r: int, clock: float) -> dict:
-        """What this peer tells its groupmates (their group_hash and group_clock read it)."""
-        return {"round": r, "hash": self.progress.global_hash, "clock": clock, "ok": self.progress.round_ok,
-                **({"fast": True} if self.group is not None else {})}
+        """What this peer tells its groupmates (their group_hash and group_clock read it; a standing group's members
+        how many stage mates it sees)."""
+        mine = {"round": r, "hash": self.progress.global_hash, "clock": clock, "ok": self.progress.round_ok}
+        if self.group is not None:
+            mine.update(fast=True, mates=sum(o.state == "online" for o in self.others))
+        return mine
 
     def fast_round(self, r: int) -> bool:
         """Is round r for the standing group (sync mode, standing_group.py)?"""

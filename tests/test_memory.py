@@ -30,7 +30,10 @@ def test_gpt2_small_stage_state_is_24_bytes_per_parameter_in_diloco():
     fp32 = estimate(load_config("configs/gpt2-small-local.yaml", ["swarm.compression.averaging=fp32"]), 1)
     assert fp32.averaging_buffers == 4 * n
     sync = estimate(load_config("configs/gpt2-small-local.yaml", ["swarm.sync_mode=sync"]), 1)
-    assert sync.outer_state == 0 and sync.averaging_buffers == 4 * n  # a lone sync step applies fp32 gradients
+    assert sync.outer_state == 0 and sync.averaging_buffers == 6 * n  # a lone sync step applies fp32 gradients,
+    # + the standing group's sums of the chunks a peer of a pair reduces (standing_group.py)
+    no_lanes = estimate(load_config("configs/gpt2-small-local.yaml", ["swarm.sync_mode=sync", "swarm.direct_lanes=false"]), 1)
+    assert no_lanes.averaging_buffers == 4 * n
     none = estimate(load_config("configs/gpt2-small-local.yaml", ["swarm.sync_mode=none"]), 1)
     assert none.outer_state == none.averaging_buffers == 0
 

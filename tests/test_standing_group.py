@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import torch
 
-from swarm_peer.standing_group import CHUNK_VALUES, INCOMPLETE, StandingGroup, chunk_bounds, segments
+from swarm_peer.standing_group import CHUNK_VALUES, INCOMPLETE, StandingGroup, chunk_bounds, sees_only, segments
 
 
 class Peer:
@@ -24,6 +24,14 @@ def test_chunks_cover_the_buffer_once_at_least_one_per_member():
         assert max(b - a for a, b in bounds) <= max(CHUNK_VALUES, -(-total // members))
     assert segments([3, 4, 5], 2, 9) == [(0, 2, 3), (1, 0, 4), (2, 0, 2)]
     assert segments([3, 4, 5], 3, 7) == [(1, 0, 4)]
+
+
+def test_a_group_stands_only_while_every_member_sees_just_its_groupmates():
+    pair = {"a": {"fast": True, "mates": 1}, "b": {"fast": True, "mates": 1}}
+    assert sees_only(pair)
+    assert not sees_only({**pair, "b": {"fast": True, "mates": 2}})  # b sees a joiner: matchmake again
+    assert not sees_only({**pair, "b": {"mates": 1}})  # b runs no standing group
+    assert not sees_only({"a": {"fast": True, "mates": 0}}) and not sees_only({"a": "junk", "b": {"fast": True}})
 
 
 def _group(me="b", members=("a", "b")):
@@ -82,7 +90,8 @@ def test_a_chunk_is_averaged_once_everyone_is_in_or_failed_for_everyone():
 @pytest.mark.slow
 def test_a_standing_group_takes_a_joiner_loses_a_killed_member_and_stays_one_model(swarm_factory):
     """Real peers, one stage in sync mode: a and b begin together; after their first hivemind round their rounds go
-    over the standing group. c joins: a hivemind round takes it in, then a standing group of three. b is killed
+    over the standing group. c joins: a and b see it outside their group, so their next round matchmakes and takes it in, then a standing group
+    of three. b is killed
     (kill -9): the group's next round never completes anywhere (b's chunks get no average), so it is retried
     through hivemind, and a and c go on as a standing pair. Every agreed round leaves one hash; a and c end on one
     model."""
@@ -114,10 +123,22 @@ def _standing_group_run(swarm, boot) -> None:
             assert time.monotonic() < deadline and swarm.procs[name].poll() is None, swarm.log(name)[-3000:]
             time.sleep(0.2)
 
+    def standing(name, size, timeout=180):
+        """Wait until the peer's group has been `size` for 2 s (a member whose side of the forming round failed
+        stays out, and the others' first round over the group then falls back: CI)."""
+        deadline, since = time.monotonic() + timeout, None
+        while True:
+            lines = [line for line in swarm.log(name).splitlines() if "standing group" in line]
+            ok = bool(lines) and f"standing group of {size} " in lines[-1]
+            since = (since or time.monotonic()) if ok else None
+            if since is not None and time.monotonic() - since > 2:
+                return
+            assert time.monotonic() < deadline and swarm.procs[name].poll() is None, swarm.log(name)[-3000:]
+            time.sleep(0.2)
+
     wait_for("a", "standing group of 2")
     swarm.start("c", 0, "--max-steps", str(steps), faults="slow=0.03")
-    wait_for("a", "standing group of 3")
-    time.sleep(3)  # a few rounds of three
+    standing("a", 3)  # rounds of three (a and b saw c outside their group: the next round matchmade)
     swarm.kill("b")
     wait_for("a", "the standing group's all-reduce did not complete")
     wait_for("a", "standing group of 2", timeout=180)  # (the log's first one was before c came)
