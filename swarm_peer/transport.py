@@ -341,15 +341,20 @@ async def call_forward(p2p: P2P, peer_id: PeerID, metadata: dict, tensors: list[
             return await _receive(responses, limits, stats, stop_when_complete=True)
 
     stats.add(calls=1)
+    reply_metadata, reply_tensors = await _timed_exchange(exchange(), peer_id, timeout, stats, "")
+    return _checked(reply_metadata, reply_tensors, stats)
+
+
+async def _timed_exchange(exchange, peer_id, timeout: float, stats: TransportStats, via: str):
+    """Await one call's exchange within `timeout`; its failures as TransportTimeout / TransportError."""
     try:
-        reply_metadata, reply_tensors = await asyncio.wait_for(exchange(), timeout)
+        return await asyncio.wait_for(exchange, timeout)
     except asyncio.TimeoutError as e:
         stats.add(call_failures=1)
-        raise TransportTimeout(f"no complete reply from {peer_id} within {timeout:g} s") from e
+        raise TransportTimeout(f"no complete reply from {peer_id} within {timeout:g} s{via}") from e
     except Exception as e:
         stats.add(call_failures=1)
-        raise TransportError(f"call to {peer_id} failed: {type(e).__name__}: {_one_line(e)}") from e
-    return _checked(reply_metadata, reply_tensors, stats)
+        raise TransportError(f"call to {peer_id} failed{via}: {type(e).__name__}: {_one_line(e)}") from e
 
 
 def _checked(reply_metadata: dict, reply_tensors: list, stats: TransportStats) -> tuple[dict, list[torch.Tensor]]:
@@ -364,14 +369,8 @@ async def _call_lane(lanes, sock, peer_id, metadata, tensors, codec, timeout, li
     stats.add(calls=1, lane_calls=1)
     reusable = False
     try:
-        reply_metadata, reply_tensors, reusable = await asyncio.wait_for(
-            lanes.exchange(sock, metadata, tensors, codec, limits, stats), timeout)
-    except asyncio.TimeoutError as e:
-        stats.add(call_failures=1)
-        raise TransportTimeout(f"no complete reply from {peer_id} within {timeout:g} s (direct lane)") from e
-    except Exception as e:
-        stats.add(call_failures=1)
-        raise TransportError(f"call to {peer_id} failed (direct lane): {type(e).__name__}: {_one_line(e)}") from e
+        reply_metadata, reply_tensors, reusable = await _timed_exchange(
+            lanes.exchange(sock, metadata, tensors, codec, limits, stats), peer_id, timeout, stats, " (direct lane)")
     finally:
         if reusable:
             lanes.release(peer_id, sock)
