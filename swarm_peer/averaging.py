@@ -40,7 +40,7 @@ from swarm_peer.swarm_key import SwarmKey, auth_error
 log = logging.getLogger("swarm_peer")
 MAX_STATE_TENSORS = 4096  # tensors a state download may ask for (a stage has ~3 per parameter tensor)
 PHASE_POLL_S = 0.02  # how finely a round's matchmaking / all-reduce split is timed (a shared-memory flag read)
-DECLINES_TO_DROP = 4  # empty answers (state being written, or not shared) before a download gives a donor up
+DECLINES_TO_DROP = 2  # empty answers (state being written, or not shared) before a download gives a donor up
 MALFORMED_BAN_S = 600.0  # a groupmate that sent a malformed part or weight: no honest peer does, so no group with it
 
 
@@ -239,7 +239,7 @@ class StageAverager(DecentralizedAverager):
             for (peer, share), result in zip([(p, s) for p, s in shares.items() if s], results):
                 if result is None and declines.get(peer, 0) + 1 < DECLINES_TO_DROP:
                     declines[peer] = declines.get(peer, 0) + 1  # its state was being written (a lone peer's
-                    await asyncio.sleep(0.1 * declines[peer])  # overlapped rounds run back to back): ask again
+                    await asyncio.sleep(0.05)  # overlapped rounds run back to back): ask once more
                     continue
                 if isinstance(result, BaseException) or result is None:
                     log.warning(f"state download from {str(peer)[-8:]} failed ({result!r}); trying the others")
