@@ -23,6 +23,8 @@ Parts (their exact definitions are printed into the markdown and the JSON):
      ~20 GB): ask for it with --only g
   h  the sync mode's per-step synchronization: median seconds of a sync-mode round (2-peer single-stage swarm) /
      torch.distributed gloo's all-reduce of the same gradients between 2 processes (benchlib/sync_speed.py)
+  i  the pipeline flush per inner step: a 2-stage x 1-peer swarm with swarm.split_backward false, then true:
+     tokens/s and each stage's idle share in the steady state, next to GPipe's bubble (benchlib/flush.py)
 d, e and f share one 2-stage x 2-peer run (f also reads every other run's peers).
 
 Writes OUT/bench.json and OUT/bench.md (plus logs and summaries under OUT/<part>/). Every part is bounded in time;
@@ -42,6 +44,7 @@ import time
 from pathlib import Path
 
 from benchlib.churn import part_d, part_e
+from benchlib.flush import part_i
 from benchlib.common import ENV, ROOT
 from benchlib.harness import Bench
 from benchlib.memory import part_f
@@ -52,7 +55,8 @@ from benchlib.sync_bytes import part_c
 from benchlib.sync_speed import part_h
 from benchlib.throughput import part_a, part_b
 
-PART_FUNCTIONS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f, "g": part_g, "h": part_h}  # run in this order
+PART_FUNCTIONS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f, "g": part_g, "h": part_h,
+                  "i": part_i}  # run in this order
 PARTS = "".join(PART_FUNCTIONS)
 DEFAULT_PARTS = "abcdef"  # g only when asked for
 
@@ -60,7 +64,7 @@ DEFAULT_PARTS = "abcdef"  # g only when asked for
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model, short phases (the test uses it)")
-    parser.add_argument("--only", default=DEFAULT_PARTS, help="comma-separated parts of a..h (default: a,b,c,d,e,f)")
+    parser.add_argument("--only", default=DEFAULT_PARTS, help="comma-separated parts of a..i (default: a,b,c,d,e,f)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--stages", type=int, default=2, help="part a: S stages x 1 peer")

@@ -19,7 +19,9 @@ Training semantics (why the numbers are exact):
   steps than stage 0 follows stage 0's warmup and cosine. Stage mates align their clocks at every averaged round
   (median of the group's; a float, so a faster peer's extra steps are neither gained nor lost) and a joiner adopts its stage's, so peers of a stage use the same lr in the same round.
 - One compute thread executes all torch work in priority order: optimizer step, then backward, then forward (a
-  backward frees memory and unblocks the sender; a forward only adds work).
+  backward frees memory and unblocks the sender; a forward only adds work); when nothing is queued, the weight
+  gradients a split backward deferred (split_backward.py: a later stage replies with its input gradient before it
+  computes its weight gradients, which land in p.grad before anything reads it).
 """
 from __future__ import annotations
 
@@ -30,12 +32,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from swarm_peer.config import Config
 from swarm_peer.model import StageModel, build_stage, stage_spec, weights_hash
 from swarm_peer.optim import build_inner_optimizer, clip_grad_norm, scheduled_lr
+from swarm_peer.split_backward import DeferredWeightGrads
 from swarm_peer.validation import all_finite
 
 STEP, BACKWARD, FORWARD = 0, 1, 2
@@ -48,20 +52,38 @@ class ComputeThread:
     def __init__(self, name: str = "swarm-peer-compute"):
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._counter = itertools.count()
+        self._idle_work: Callable[[], bool] | None = None
+        self.busy_seconds = 0.0  # time spent running work (the rest of its life the thread waited: the bubble)
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
+    def set_idle_work(self, fn: Callable[[], bool]) -> None:
+        """`fn` runs whenever nothing is queued, one small piece at a time; it returns False when it has none."""
+        self._idle_work = fn
+
     def _work(self) -> None:
         while True:
-            _, _, item = self._queue.get()
+            try:
+                _, _, item = self._queue.get_nowait()
+            except queue.Empty:
+                if self._idle_work is not None and self._timed(self._idle_work):
+                    continue
+                _, _, item = self._queue.get()
             if item is None:
                 return
             fn, done = item
             try:
-                result, error = fn(), None
+                result, error = self._timed(fn), None
             except BaseException as e:  # reported to the waiting caller
                 result, error = None, e
             done(result, error)
+
+    def _timed(self, fn):
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.busy_seconds += time.perf_counter() - t0
 
     async def run(self, priority: int, fn):
         loop = asyncio.get_running_loop()
@@ -142,11 +164,40 @@ class StageTrainer:
         self.ledger: list[dict] = []  # what each of the last LEDGER_STEPS steps summed, at which lr, when
         self.compute_seconds = 0.0
         self.throughput = 0.0  # samples/s EMA of this peer's compute
+        # later stages: weight gradients after the reply (split_backward.py); stage 0 sends no input gradient
+        self.deferred = DeferredWeightGrads(cfg.swarm.max_inflight) if (
+            cfg.swarm.split_backward and not self.spec.is_first) else None
+        if self.deferred is not None:
+            self.deferred.install(self.model)
+        self._deferred_seconds = 0.0  # deferred work done since the last _account (it is part of the throughput)
+
+    def idle_work(self) -> bool:
+        """One piece of deferred weight-gradient work (the compute thread's idle hook); False when none waits."""
+        if self.deferred is None:
+            return False
+        t0 = time.perf_counter()
+        ran = self.deferred.run_one()
+        self._deferred_seconds += time.perf_counter() - t0
+        return ran
+
+    def _complete_gradients(self) -> None:
+        """Every deferred weight gradient into p.grad (before anything reads it)."""
+        if self.deferred is not None and self.deferred.pending:
+            t0 = time.perf_counter()
+            self.deferred.complete()
+            self.compute_seconds += time.perf_counter() - t0
+
+    def _backward(self, outputs: torch.Tensor, grad: torch.Tensor | None) -> None:
+        if self.deferred is None:
+            torch.autograd.backward(outputs, grad)
+        else:
+            self.deferred.backward(outputs, grad)
 
     def _autocast(self):
         return autocast(self.cfg, self.device)
 
     def _account(self, samples: int, seconds: float) -> None:
+        seconds, self._deferred_seconds = seconds + self._deferred_seconds, 0.0
         self.compute_seconds += seconds
         rate = samples / max(seconds, 1e-6)
         self.throughput = rate if self.throughput == 0 else 0.8 * self.throughput + 0.2 * rate
@@ -181,7 +232,7 @@ class StageTrainer:
         grad_out = grad_out.to(self.device, dtype=pending.outputs.dtype)
         if not all_finite(grad_out):
             raise ValueError("non-finite gradient received; microbatch dropped")
-        torch.autograd.backward(pending.outputs, grad_out)
+        self._backward(pending.outputs, grad_out)
         self._counted(ticket)
         self._account(pending.inputs.shape[0], time.perf_counter() - t0)
         return None if self.spec.is_first else pending.inputs.grad.detach()
@@ -197,7 +248,7 @@ class StageTrainer:
         value = loss.item()
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError("non-finite loss; microbatch dropped")
-        (loss * (samples / self.cfg.data.batch_size)).backward()
+        self._backward(loss * (samples / self.cfg.data.batch_size), None)
         self._counted(ticket)
         self._account(samples, time.perf_counter() - t0)
         return (None if self.spec.is_first else pending.inputs.grad.detach()), value
@@ -225,6 +276,8 @@ class StageTrainer:
 
     def discard_gradients(self) -> None:
         """Drop what is in p.grad (its state was replaced, e.g. by a download): nothing of it may be stepped."""
+        if self.deferred is not None:
+            self.deferred.drop()
         self.opt.zero_grad(set_to_none=True)
         self.window_id += 1
         self.grad_samples, self._grad_mbs, self._grad_clocks = 0, [], []
@@ -239,6 +292,7 @@ class StageTrainer:
     def step(self, grads_are_mean: bool = False, clock: float | None = None) -> int:
         """Inner AdamW step on the samples counted in p.grad (`grads_are_mean`: already the batch mean, as after a
         sync-mode gradient average) at run clock `clock` (default: `position()`). Returns the samples stepped."""
+        self._complete_gradients()
         completed, mbs = self.grad_samples, self._grad_mbs
         position = self.position() if clock is None else float(clock)
         self.window_id += 1
@@ -272,6 +326,7 @@ class StageTrainer:
     @torch.no_grad()
     def mean_gradients(self, completed_samples: int, out: list[torch.Tensor]) -> None:
         """Write the batch-mean gradient over this peer's completed samples into `out` (CPU fp32; zeros if none)."""
+        self._complete_gradients()
         scale = self.cfg.data.batch_size / max(completed_samples, 1)
         for o, p in zip(out, self.params):
             if p.grad is None:
@@ -281,6 +336,8 @@ class StageTrainer:
 
     @torch.no_grad()
     def set_gradients(self, grads: list[torch.Tensor]) -> None:
+        if self.deferred is not None:
+            self.deferred.drop()  # nothing is deferred here (mean_gradients completed it, the window is closed)
         for p, g in zip(self.params, grads):
             if p.grad is None:
                 p.grad = g.to(p.device, p.dtype).clone()

@@ -126,6 +126,9 @@ class SwarmConfig(_Section):
     finish_timeout: float = Field(1800.0, gt=0.0)  # a peer done training keeps syncing this long for its stage peers
     upstream_timeout: float = Field(300.0, gt=0.0)  # no record of the previous stage this long (cut off?): leave
     max_inflight: int = Field(4, gt=0)  # microbatches a peer holds at once (backpressure)
+    # later stages reply with the input gradient before computing their weight gradients (split_backward.py): a
+    # shorter flush per inner step, exact gradients; costs up to max_inflight microbatches' matmul output gradients
+    split_backward: bool = True
     announce_period: float = Field(2.0, gt=0.0)  # seconds between DHT record refreshes
     record_ttl: float = Field(20.0, gt=0.0)  # DHT record expiration, seconds
     request_timeout: float = Field(30.0, gt=0.0)  # upper bound on a pipeline hop; adapted down from latency

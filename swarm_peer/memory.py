@@ -7,7 +7,9 @@ shared input buffer (4 B; 2 B under DiLoCo with the fp16 averaging codec, sync_r
 Activations: what autograd
 keeps per microbatch in flight, measured at GPT-2 small's shape (CPU, fp32, SDPA attention): ~36 fp32 values per
 token and hidden unit per block (no seq² term: attention scores are not kept), plus the logits and their log-softmax
-on the last stage (`scripts/bench.py` part g checks the estimate against a running peer's PSS).
+on the last stage (`scripts/bench.py` part g checks the estimate against a running peer's PSS). A later stage's
+split backward (`swarm.split_backward`) holds, for up to `max_inflight` more microbatches, each matmul's input and
+output gradient until their weight gradient is computed (split_backward.py).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm_peer.config import Config, ConfigError
-from swarm_peer.model import _block_params, _embedding_params, _head_params, hf_config, stage_layer_ranges
+from swarm_peer.model import _block_params, _embedding_params, _head_params, _new_block, hf_config, stage_layer_ranges
 from swarm_peer.sync_rules import averaging_buffer_dtype
 
 GB = 1e9
@@ -63,14 +65,29 @@ class MemoryEstimate:
         return ", ".join(f"{name} {n / GB:.2f}" for name, n in parts if n) + f" = {self.total / GB:.2f} GB"
 
 
+def _block_matmul_values(hf) -> int:
+    """Per token: the inputs plus outputs of one block's matmuls (what a deferred weight gradient keeps)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        block = _new_block(hf, 0)
+    return sum(sum(m.weight.shape) for m in block.modules() if isinstance(m, (nn.Linear, Conv1D)))
+
+
 def estimate(cfg: Config, stage: int) -> MemoryEstimate:
     n = stage_parameter_count(cfg, stage)
     d, hf = cfg.data, hf_config(cfg.model)
     start, end = stage_layer_ranges(cfg, hf)[stage]
     tokens = d.microbatch_size * d.seq_len
     per_microbatch = BLOCK_ACTIVATION_VALUES * 4 * tokens * hf.hidden_size * (end - start)
-    if stage == cfg.swarm.num_stages - 1:
+    last = stage == cfg.swarm.num_stages - 1
+    if last:
         per_microbatch += 2 * 4 * tokens * hf.vocab_size  # logits and their log-softmax
+    if cfg.swarm.split_backward and stage > 0:
+        deferred = 4 * tokens * (_block_matmul_values(hf) * (end - start) + (
+            hf.hidden_size + hf.vocab_size if last else 0))
+        per_microbatch += deferred  # the weight-gradient work a microbatch may leave behind (split backward)
     mode = cfg.swarm.sync_mode
     return MemoryEstimate(weights=4 * n, gradients=4 * n, inner_optimizer=8 * n,
                           # + the local snapshot an overlapped round contributes from

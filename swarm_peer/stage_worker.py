@@ -53,6 +53,7 @@ class StageWorker:
         self.sync = StageSync(cfg, stage, dht, run_id, stage_param_shapes(cfg, stage), self.compute, self.fingerprint,
                               swarm_key)
         self.trainer = StageTrainer(cfg, stage, device)
+        self.compute.set_idle_work(self.trainer.idle_work)  # deferred weight gradients (split_backward.py)
         self.sync.attach(self.trainer)
         self.sampler = sampler
         self.client_mode = client_mode
@@ -330,7 +331,7 @@ class StageWorker:
             "downstream_lost": bool(self.stats["downstream_lost"]), "memory": memory_report(self),
             "abandoned_backwards": self.trainer.abandoned, "ledger": self.trainer.ledger,
             "loss_curve": self.loss_curve, "tokens_per_s": tokens / max(wall, 1e-6), "wall_time_s": wall,
-            "compute_time_s": self.trainer.compute_seconds,
+            "compute_time_s": self.trainer.compute_seconds, "compute_busy_s": self.compute.busy_seconds,
             "forwarded_to": self.router.sent_counts() if self.router else {}, "checkpoints": self.checkpoint_times, "transport": STATS.snapshot(),
             "final_weights_hash": self.trainer.weights_hash(), "fingerprint": self.fingerprint,
             "sync": self.sync.summary(), "phase_seconds": phases, "sync_blocked_share": Stepper.sync_blocked_share(phases, wall),

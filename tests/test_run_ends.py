@@ -8,7 +8,6 @@ import pytest
 from hivemind import DHT
 
 from swarm_peer.records import make_validators
-from tests.conftest import PYTHON, ROOT
 
 pytestmark = pytest.mark.slow
 FAILING_ROUND = 10  # late enough that b, started with a, takes part in it even on a loaded machine
@@ -18,15 +17,16 @@ def test_single_stage_swarm_is_data_parallel_diloco(swarm_factory):
     swarm = swarm_factory("onestage", ["swarm.num_stages=1", "swarm.sync_every=2", "run.eval_interval=40"])
     boot = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators("onestage", 1))
     try:
-        swarm.bootstrap = str(boot.get_visible_maddrs()[0])  # both peers start together (the monitor's role)
-        swarm.start("a", 0, "--max-steps", "80")
-        # b's side of round 3's all-reduce fails after a has completed it: b must not retry that round with others
+        swarm.bootstrap = str(boot.get_visible_maddrs()[0])  # one bootstrap for all (the monitor's role)
+        go = swarm.tmp / "go"  # a and b begin training together (CI: b, slower to start, once joined at step 11)
+        swarm.start("a", 0, "--max-steps", "80", faults=f"hold_until={go}")
+        # b's side of round 10's all-reduce fails after a has completed it: b must not retry that round with others
         # (a second "agreed" result), nor vote; it recovers a's state (tests/fault_peer.py). So does b's side of
         # the last round: a stays until b has recovered, and both end on one model
-        swarm.start("b", 0, "--max-steps", "80", env={"SWARM_TEST_FAULTS": f"fail_after_allreduce={FAILING_ROUND}+end"},
-                    prefix=(PYTHON, str(ROOT / "tests" / "fault_peer.py")))
+        swarm.start("b", 0, "--max-steps", "80", faults=f"fail_after_allreduce={FAILING_ROUND}+end,hold_until={go}")
         # a stage mate in another sync mode (same model): named in a warning, never averaged with
         swarm.start("c", 0, "--max-steps", "80", "--set", "swarm.sync_mode=sync")
+        swarm.begin_together(("a", "b"), go)
         for name in ("a", "b", "c"):
             assert swarm.wait_exit(name, 240) == 0, swarm.log(name)[-3000:]
     finally:
