@@ -204,6 +204,8 @@ class StageTrainer:
 
     def forward(self, x: torch.Tensor) -> Pending:
         t0 = time.perf_counter()
+        if self.deferred is not None:
+            self.deferred.make_room()  # bounded deferred work (split_backward.py), off the reply's path
         x = x.to(self.device)
         if not self.spec.is_first:
             x = x.detach().requires_grad_(True)

@@ -8,8 +8,8 @@ Activations: what autograd
 keeps per microbatch in flight, measured at GPT-2 small's shape (CPU, fp32, SDPA attention): ~36 fp32 values per
 token and hidden unit per block (no seq² term: attention scores are not kept), plus the logits and their log-softmax
 on the last stage (`scripts/bench.py` part g checks the estimate against a running peer's PSS). A later stage's
-split backward (`swarm.split_backward`) holds, for up to `max_inflight` more microbatches, each matmul's input and
-output gradient until their weight gradient is computed (split_backward.py).
+split backward (`swarm.split_backward`) holds, for up to `max_inflight` microbatches (`2 max_inflight - 1` on a middle
+stage), each matmul's input and output gradient until their weight gradient is computed (split_backward.py).
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def estimate(cfg: Config, stage: int) -> MemoryEstimate:
     if cfg.swarm.split_backward and stage > 0:
         deferred = 4 * tokens * (_block_matmul_values(hf) * (end - start) + (
             hf.hidden_size + hf.vocab_size if last else 0))
-        per_microbatch += deferred  # the weight-gradient work a microbatch may leave behind (split backward)
+    else:
+        deferred = 0
     mode = cfg.swarm.sync_mode
     return MemoryEstimate(weights=4 * n, gradients=4 * n, inner_optimizer=8 * n,
                           # + the local snapshot an overlapped round contributes from
@@ -96,7 +97,9 @@ def estimate(cfg: Config, stage: int) -> MemoryEstimate:
                               mode, cfg.swarm.compression.averaging).itemsize
                           # + sync mode's standing group: the sums of the chunks it reduces (a pair: half the buffer)
                           + (2 * n if mode == "sync" and cfg.swarm.direct_lanes else 0),
-                          activations=cfg.swarm.max_inflight * per_microbatch)
+                          # + the weight-gradient work microbatches leave behind (split_backward.py's bound)
+                          activations=cfg.swarm.max_inflight * per_microbatch + deferred * (
+                              cfg.swarm.max_inflight if last else 2 * cfg.swarm.max_inflight - 1))
 
 
 def available_bytes(device: torch.device) -> tuple[int, int | None]:

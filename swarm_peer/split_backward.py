@@ -11,7 +11,9 @@ Qi et al. 2023), without changing which weights any gradient is computed against
 Exactness: the deferred products are the very kernels autograd runs (`mm` on the same 2-D views, accumulated in
 microbatch order), so in fp32 `p.grad` is bit-identical to a plain backward (tests/test_split_backward.py). Memory: a
 deferred microbatch holds its matmuls' output gradients (and keeps their inputs, which autograd would have freed);
-at most `limit` microbatches wait, the oldest is completed inline beyond that (`memory.estimate` counts them).
+a training forward first completes the oldest until fewer than `limit` wait (`make_room`), so the last stage holds
+at most `limit` and a middle stage, whose backwards come between its forwards, up to `2 limit - 1`
+(`memory.estimate` counts them).
 """
 from __future__ import annotations
 
@@ -55,7 +57,11 @@ class DeferredWeightGrads:
         group, self._open = self._open, None
         if group:
             self._groups.append(group)
-        while len(self._groups) > self.limit:
+
+    def make_room(self) -> None:
+        """Before a training forward (which adds activations): complete the oldest groups until fewer than `limit`
+        wait. Not after a backward: the reply would wait for it."""
+        while len(self._groups) >= self.limit:
             self._run_group(self._groups.popleft())
 
     def defer(self, item: tuple) -> None:

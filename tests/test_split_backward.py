@@ -86,19 +86,20 @@ def test_deferred_work_is_capped_run_in_small_pieces_and_dropped_with_the_gradie
     cfg, model = _stage("gpt2", 1)
     book = DeferredWeightGrads(limit=2)
     book.install(model)
-    for x in _microbatches(cfg, 4):
-        out = model(x.requires_grad_(True))
-        book.backward(out, torch.ones_like(out))
-        assert book.pending <= 2  # the oldest is completed inline beyond the cap
     weight = model.blocks[0].mlp.c_fc.weight
-    before = weight.grad.clone()
+    for i, x in enumerate(_microbatches(cfg, 4)):
+        book.make_room()  # what a training forward does first: the oldest completed while `limit` wait
+        assert book.pending == min(i, 1)
+        out = model(x.requires_grad_(True))
+        book.backward(out, torch.ones_like(out))  # never completes anything itself: the reply must not wait
+        assert book.pending == min(i + 1, 2)
+    assert weight.grad is not None  # the first two microbatches' products went in
     assert book.run_one() and book.pending == 2  # one matmul's product, not a whole microbatch
     book.drop()
     assert book.pending == 0 and not book.run_one()
     with torch.no_grad():  # evaluation: the original forward, nothing deferred
         model(_microbatches(cfg, 1)[0])
     assert book.pending == 0
-    assert before.shape == weight.shape
 
 
 def test_a_trainer_completes_deferred_gradients_before_its_step_and_drops_them_on_discard():
@@ -124,3 +125,40 @@ def test_a_trainer_completes_deferred_gradients_before_its_step_and_drops_them_o
     assert not torch.equal(before, head.detach())
     first = StageTrainer(cfg, 0, torch.device("cpu"))
     assert first.deferred is None  # stage 0 sends no input gradient: nothing to gain
+
+
+def test_the_compute_thread_runs_idle_work_only_between_queued_tasks():
+    import asyncio
+    import threading
+
+    from swarm_peer.compute import FORWARD, ComputeThread
+
+    compute, order, gate = ComputeThread(), [], threading.Event()
+    pieces = [3]
+
+    def idle() -> bool:  # three pieces of idle work, each after whatever is queued
+        if pieces[0] == 0:
+            return False
+        pieces[0] -= 1
+        order.append("idle")
+        return True
+
+    async def main():
+        blocker = asyncio.ensure_future(compute.run(FORWARD, gate.wait))  # holds the thread while tasks queue up
+        await asyncio.sleep(0.05)
+        compute.set_idle_work(idle)
+        tasks = [asyncio.ensure_future(compute.run(FORWARD, lambda i=i: order.append(i))) for i in range(2)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(blocker, *tasks)
+        for _ in range(100):
+            if pieces[0] == 0:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+    finally:
+        compute.stop()
+    assert order == [0, 1, "idle", "idle", "idle"], order
+    assert compute.busy_seconds > 0.04  # the blocker's wait counts as busy: it ran on the thread

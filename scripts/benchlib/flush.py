@@ -30,7 +30,7 @@ def part_i(bench: Bench) -> dict:
     deadline = time.time() + bench.sized(900, 300)
     common = ["swarm.num_stages=2", "swarm.sync_mode=none", "run.eval_interval=0"]
     bench.prepare_corpus(common)
-    runs = {split: _steady(bench, f"i_{split}", steps, [*common, f"swarm.split_backward={split}"], deadline)
+    runs = {split: _steady(bench, f"i-{split}", steps, [*common, f"swarm.split_backward={split}"], deadline)
             for split in ("false", "true")}
     plain, split = runs["false"], runs["true"]
     d = bench.cfg.data
