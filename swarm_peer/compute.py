@@ -331,10 +331,15 @@ class StageTrainer:
         self._complete_gradients()
         scale = self.cfg.data.batch_size / max(completed_samples, 1)
         for o, p in zip(out, self.params):
-            if p.grad is None:
+            g = None if p.grad is None else p.grad.detach()
+            if g is None:
                 o.zero_()
+            elif scale == 1.0:
+                o.copy_(g)  # a full window: already the batch mean
+            elif g.device == o.device and g.dtype == o.dtype:
+                torch.mul(g, scale, out=o)  # one pass (a copy, then a scale, read the buffer twice)
             else:
-                o.copy_(p.grad.detach().to("cpu", torch.float32)).mul_(scale)
+                o.copy_(g).mul_(scale)
 
     @torch.no_grad()
     def set_gradients(self, grads: list[torch.Tensor]) -> None:

@@ -27,8 +27,10 @@ CHUNK = 1 << 20  # values per slice of the outer step (4 MiB temporaries, not a 
 
 
 def squared_norm(tensors: list[torch.Tensor]) -> float:
-    """Σ x² in float64, slice by slice (no float64 copy of a whole tensor)."""
-    return sum(float(s.double().pow(2).sum()) for t in tensors for s in t.reshape(-1).split(CHUNK))
+    """Σ x² (a round's metric): one read pass, fp32 within a slice, float64 across slices (~1e-6 relative; the
+    float64 copy per slice this replaced cost 5x as much: 0.19 s a sync round at GPT-2-small's shape). Not finite
+    when any value is not (or the sum overflows fp32 within a slice: |x| ~ 1e16)."""
+    return sum(float(torch.linalg.vector_norm(s)) ** 2 for t in tensors for s in t.reshape(-1).split(CHUNK))
 
 
 class OuterOptimizer:

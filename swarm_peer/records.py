@@ -5,6 +5,8 @@ Keys (raw strings, `run_id` prefixed so several swarms share one DHT):
                       value  = StageRecord: who serves stage i, with which config, how loaded it is, its round.
   {run_id}_metrics{i} subkey = the peer's RSA public key, value = MetricRecord: what the peer did in the last
                       metrics window (what the monitor and `status` aggregate).
+  {run_id}_placement  subkey = the peer's RSA public key, value = PlacementClaim: the stage a `--stage auto` peer is
+                      about to join (placement.py: peers choosing at once see each other's choices).
 
 Every peer (the monitor and the CLI tools too) must run the same validators: `make_validators`. A record counts only
 for the peer id of the key that signed it (identity.py: a peer's libp2p identity is its record-signing key); readers
@@ -122,6 +124,20 @@ class MetricRecord(pydantic.BaseModel):
         extra = pydantic.Extra.forbid
 
 
+class PlacementClaim(pydantic.BaseModel):
+    """A `--stage auto` peer's choice while it joins (placement.py), until its stage record exists."""
+    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
+    stage: pydantic.conint(strict=True, ge=0, le=1024)
+    at: pydantic.confloat(strict=True, ge=0.0, le=2.0**40)  # DHT time of its first claim: earlier claims win
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
+def placement_key(run_id: str) -> str:
+    return f"{run_id}_placement"
+
+
 def stage_key(run_id: str, stage: int) -> str:
     return f"{run_id}_stage{stage}"
 
@@ -136,6 +152,7 @@ def make_validators(run_id: str, num_stages: int, private_key: Optional[RSAPriva
         raise ValueError(f"run id {run_id!r}: use 1-64 letters, digits or '-'")
     fields = {f"stage{i}": (Optional[Dict[BytesWithPublicKey, StageRecord]], None) for i in range(num_stages)}
     fields.update({f"metrics{i}": (Optional[Dict[BytesWithPublicKey, MetricRecord]], None) for i in range(num_stages)})
+    fields["placement"] = (Optional[Dict[BytesWithPublicKey, PlacementClaim]], None)
     schema = pydantic.create_model(f"SwarmSchema_{num_stages}", **fields)
     return [RSASignatureValidator(private_key), SchemaValidator(schema, prefix=run_id)]
 
@@ -182,6 +199,32 @@ def _read(dht, key: str, schema, stage: int, timeout: float) -> list[PeerInfo]:
         if entry.expiration_time > now and rec.stage == stage:
             peers.append(PeerInfo(rec, entry.expiration_time))
     return peers
+
+
+def read_placement_claims(dht, run_id: str, timeout: float = 5.0) -> list[PlacementClaim]:
+    """Fresh, well-formed claims of `--stage auto` peers (each signed by the peer it names). Never raises."""
+    try:
+        found = dht.get(placement_key(run_id), latest=True, return_future=True).result(timeout=timeout)
+    except Exception:
+        return []
+    if found is None or not isinstance(found.value, dict):
+        return []
+    now, claims = get_dht_time(), []
+    for subkey, entry in found.value.items():
+        try:
+            claim = PlacementClaim.parse_obj(entry.value)
+        except (pydantic.ValidationError, TypeError):
+            continue
+        if entry.expiration_time > now and speaks_for(subkey, claim.peer_id):
+            claims.append(claim)
+    return claims
+
+
+def store_placement_claim(dht, run_id: str, claim: PlacementClaim, subkey: bytes, ttl: float,
+                          timeout: float = 10.0) -> bool:
+    fut = dht.store(placement_key(run_id), claim.dict(), expiration_time=get_dht_time() + ttl, subkey=subkey,
+                    return_future=True)
+    return bool(fut.result(timeout=timeout))
 
 
 def read_stage_records(dht, run_id: str, stage: int, timeout: float = 5.0) -> list[PeerInfo]:

@@ -28,7 +28,7 @@ def pick_token(logits: torch.Tensor, temperature: float, top_k: int, rng: torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swarm_peer.peer import _fail, add_network_args, check_network_args, setup_logging, start_dht
+    from swarm_peer.cli_common import _fail, add_network_args, check_network_args, setup_logging, start_dht
 
     parser = argparse.ArgumentParser(prog="swarm-peer sample", description=__doc__.splitlines()[0])
     add_config_args(parser)

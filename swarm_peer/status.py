@@ -71,7 +71,7 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swarm_peer.peer import add_network_args, check_network_args, setup_logging, start_dht
+    from swarm_peer.cli_common import add_network_args, check_network_args, setup_logging, start_dht
 
     parser = argparse.ArgumentParser(prog="swarm-peer status", description=__doc__.splitlines()[0])
     add_config_args(parser)

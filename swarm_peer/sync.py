@@ -301,11 +301,12 @@ class StageSync(StageState, OverlappedRounds):
             nonlocal averaged
             if not averaged:
                 contribute(delta)
-            elif not all(all_finite(d) for d in delta):  # e.g. every groupmate had weight 0
+            norm = math.sqrt(squared_norm(delta))  # finite: so is every value (no separate pass over them)
+            if averaged and not math.isfinite(norm) and not all(all_finite(d) for d in delta):  # e.g. all weights 0
                 log.warning(f"stage round {r}: the average is not finite; applying this peer's own update")
                 contribute(delta)
                 averaged = False
-            norm = math.sqrt(squared_norm(delta))
+                norm = math.sqrt(squared_norm(delta))
             self.progress.round_ok = group_ok and (averaged or outcome == "alone")
             if mode.outer_rounds and not self.background:  # the round ends here (a gradient round ends after the
                 with self.averager.state_writing():  # inner step: end_sync_round); no download reads meanwhile

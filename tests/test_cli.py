@@ -8,6 +8,10 @@ from tests.conftest import PYTHON, ROOT
 
 @pytest.mark.parametrize("args, needle", [
     (["--stage", "5"], "--stage 5"),
+    (["--stage", "two"], "stage number or auto"),
+    (["--stage", "auto", "--client-mode"], "--client-mode"),
+    (["--stage", "auto", "--set", "data.batch_size=1000000", "--set", "data.microbatch_size=1000000"],
+     "--stage auto: no stage fits"),
     (["--stage", "0", "--initial-peers", "not-a-maddr"], "--initial-peers"),
     (["--stage", "0", "--initial-peers", "/ip4/127.0.0.1/tcp/1"], "/p2p/"),
     (["--stage", "1", "--client-mode", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmPeer"], "--client-mode"),
