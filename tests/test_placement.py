@@ -56,7 +56,20 @@ def test_a_resumed_peer_keeps_the_stage_of_its_checkpoint(tmp_path):
 def test_auto_peers_fill_empty_stages_then_join_the_least_served(swarm_factory):
     swarm = swarm_factory("auto", ["swarm.num_stages=3", "model.num_layers=6", "swarm.sync_mode=diloco",
                                    "swarm.sync_every=4", "run.eval_interval=0"])
-    steps = ("--max-steps", "60")
+    from hivemind import DHT
+
+    from swarm_peer.records import make_validators
+
+    boot = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=make_validators("auto", 3))
+    try:
+        swarm.bootstrap = str(boot.get_visible_maddrs()[0])  # outlives any peer (the monitor's role)
+        _run(swarm)
+    finally:
+        boot.shutdown()
+
+
+def _run(swarm):
+    steps = ("--max-steps", "120")
     swarm.start("a", 0, *steps)
     swarm.wait_ready("a")
     for name in ("b", "c"):  # started at once: each sees the other's claim, so they take different stages
@@ -77,7 +90,7 @@ def test_auto_peers_fill_empty_stages_then_join_the_least_served(swarm_factory):
     while "run step" not in swarm.log("a"):
         assert time.monotonic() < deadline, swarm.log("a")[-2000:]
         time.sleep(0.5)
-    time.sleep(4)
+    time.sleep(2)
     swarm.start("d", "auto", *steps)
     for name in ("a", "b", "c", "d"):
         assert swarm.wait_exit(name, 300) == 0, swarm.log(name)[-3000:]
