@@ -68,7 +68,12 @@ def test_joiner_and_later_stages_follow_the_stage_schedule(swarm_factory):
 
     # stage 1 takes more steps than stage 0's peers (it serves both), on stage 0's schedule
     assert len(c) > MAX_STEPS + 5, len(c)
-    off = [e for e in c if a[1]["t"] < e["t"] < a[-2]["t"] and not _within(e["lr"], _lrs_around(a, e["t"], 1, 2))]
+    # (it follows the clocks of what it sums, from both stage-0 peers: CI once saw a pause 3 s while the joiner ran 3
+    # steps ahead, and stage 1 with it; its clock never goes back, the joiner's was pulled back by the next round)
+    def stage0_lrs(t):
+        return _lrs_around(a, t, 1, 2) + (_lrs_around(j, t, 1, 2) if t > j[0]["t"] else [])
+
+    off = [e for e in c if a[1]["t"] < e["t"] < a[-2]["t"] and not _within(e["lr"], stage0_lrs(e["t"]))]
     assert not off, f"{len(off)} of stage 1's {len(c)} steps off stage 0's schedule, e.g. {off[:3]}"
     assert _within(c[-1]["lr"], _end_of(a, 3)), (c[-1]["lr"], [e["lr"] for e in a[-3:]])
     print(f"\njoiner's first lr {first['lr']:.3e} (stage mate around then: {around[0]:.3e}..{around[-1]:.3e}); "
